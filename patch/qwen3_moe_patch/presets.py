@@ -1,0 +1,33 @@
+"""Qwen3-MoE model configurations built locally (no download): a tiny one for checks and tests."""
+
+import copy
+
+__all__ = ["PRESETS", "make_config", "make_model"]
+
+PRESETS = {
+    # 4 layers, 8 experts, top-2: ~265k parameters, fast on a CPU.
+    "tiny": dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=256,
+        output_router_logits=True, router_aux_loss_coef=0.01, tie_word_embeddings=False,
+    ),
+}
+
+
+def make_config(preset: str = "tiny", **overrides):
+    """A ``Qwen3MoeConfig`` for ``preset`` with ``overrides`` applied (e.g. ``experts_implementation``)."""
+    from transformers import Qwen3MoeConfig
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+    return Qwen3MoeConfig(**{**PRESETS[preset], **overrides})
+
+
+def make_model(preset: str = "tiny", seed: int = 0, **overrides):
+    """A freshly initialised ``Qwen3MoeForCausalLM`` (same weights for the same seed), with its own config."""
+    import torch
+    from transformers import Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen3MoeForCausalLM(copy.deepcopy(make_config(preset, **overrides)))

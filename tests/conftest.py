@@ -1,0 +1,63 @@
+"""Shared fixtures: the kernel built from this checkout, served from a private offline Hub cache.
+
+The Hub client reads HF_HUB_OFFLINE / HF_HUB_CACHE when it is imported, so they are set here, before any test
+module imports transformers or kernels.
+"""
+
+import atexit
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+_HUB_CACHE = tempfile.mkdtemp(prefix="qwen3-moe-fused-hub-")
+atexit.register(shutil.rmtree, _HUB_CACHE, True)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = _HUB_CACHE
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.pop("LOCAL_KERNELS", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from qwen3_moe_patch.kernel_build import build_kernel, install_in_hub_cache  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+REPO_ID = "org/qwen3-moe-fused"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def hub_cache() -> Path:
+    return Path(_HUB_CACHE)
+
+
+@pytest.fixture(scope="session")
+def build_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("build")
+    build_kernel(ROOT, out_dir=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def hub_revision(build_dir, hub_cache) -> str:
+    return install_in_hub_cache(build_dir, hub_cache, REPO_ID, 1)
+
+
+@pytest.fixture(scope="session")
+def kernel(hub_revision):
+    """The kernel as users get it: ``get_kernel("org/qwen3-moe-fused", version=1)``."""
+    import kernels
+
+    return kernels.get_kernel(REPO_ID, version=1)

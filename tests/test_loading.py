@@ -1,0 +1,157 @@
+"""The built package loads four ways offline, and kernelize swaps it into a tiny transformers Qwen3-MoE."""
+
+import json
+import shutil
+from pathlib import Path
+
+import kernels
+import pytest
+import torch
+from kernels import LayerRepository, LocalLayerRepository, Mode
+
+from qwen3_moe_patch.presets import make_model
+
+from conftest import REPO_ID
+
+LAYER = "Qwen3MoeSparseMoeBlock"
+
+
+def _check_module(module):
+    assert hasattr(module, "moe_experts") and hasattr(module.layers, LAYER) and hasattr(module, "reference")
+    assert module.__name__.startswith("_qwen3_moe_fused_")
+
+
+def test_get_local_kernel(build_dir):
+    module = kernels.get_local_kernel(build_dir)
+    _check_module(module)
+    variant = "torch-cuda" if torch.version.cuda else "torch-cpu"
+    assert module.__name__ == json.loads((build_dir / variant / "metadata.json").read_text())["id"]
+
+
+def test_get_kernel_from_offline_hub_cache(kernel, hub_revision, hub_cache):
+    _check_module(kernel)
+    snapshot = hub_cache / "kernels--org--qwen3-moe-fused" / "snapshots" / hub_revision / "build"
+    assert Path(kernel.__file__).parent.parent == snapshot
+    assert kernels.has_kernel(REPO_ID, version=1)
+    assert kernels.get_kernel(REPO_ID, revision=hub_revision) is kernel
+
+
+def test_unknown_version_is_refused_offline(hub_revision):
+    with pytest.raises(ValueError, match="Version 2"):
+        kernels.get_kernel(REPO_ID, version=2)
+
+
+def test_load_kernel_with_lockfile(hub_revision, tmp_path, kernel):
+    lock = tmp_path / "kernels.lock"
+    lock.write_text(json.dumps([{"dependency": {"repo-id": REPO_ID, "version": 1}, "lock": {"commit": hub_revision}}]))
+    assert kernels.load_kernel(REPO_ID, lockfile=lock) is kernel
+    lock.write_text(json.dumps([{"dependency": {"repo-id": REPO_ID, "version": 1}, "lock": {"commit": "0" * 40}}]))
+    with pytest.raises(FileNotFoundError):
+        kernels.load_kernel(REPO_ID, lockfile=lock)
+
+
+def _blocks(model):
+    return [m for m in model.modules() if type(m).__name__ == LAYER]
+
+
+def _kernelize(model, repo, mode):
+    kernels.replace_kernel_forward_from_hub(type(_blocks(model)[0]), LAYER)
+    with kernels.use_kernel_mapping({LAYER: {"cpu": {mode: repo}}}, inherit_mapping=False):
+        kernels.kernelize(model, mode=mode, device="cpu", use_fallback=False)
+
+
+def _assert_grads_close(model, ref, rtol, atol):
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert p.grad is not None and q.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_kernelize_training_matches_unpatched(kernel, dtype, tol):
+    layer = kernel.layers.Qwen3MoeSparseMoeBlock
+    for reference_impl in ("eager", "grouped_mm"):
+        if dtype == torch.float64 and reference_impl == "grouped_mm":
+            continue  # torch's grouped_mm has no float64 kernel
+        ref = make_model(seed=3, experts_implementation=reference_impl).to(dtype)
+        model = make_model(seed=3).to(dtype)
+        _kernelize(model, LayerRepository(REPO_ID, layer_name=LAYER, version=1), Mode.TRAINING)
+        assert all(b.forward.__func__ is layer.forward for b in _blocks(model))
+        ids = torch.randint(0, ref.config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(0))
+        out, expected = model(input_ids=ids, labels=ids), ref(input_ids=ids, labels=ids)
+        assert len(out.router_logits) == len(_blocks(model))
+        torch.testing.assert_close(out.logits, expected.logits, rtol=tol, atol=tol)
+        torch.testing.assert_close(out.aux_loss, expected.aux_loss, rtol=tol, atol=tol)
+        torch.testing.assert_close(out.loss, expected.loss, rtol=tol, atol=tol)
+        out.loss.backward()
+        expected.loss.backward()
+        _assert_grads_close(model, ref, tol, tol)
+
+
+def test_kernelize_inference_matches_unpatched(build_dir, kernel):
+    ref = make_model(seed=4, experts_implementation="eager").eval()
+    model = make_model(seed=4).eval()
+    _kernelize(model, LocalLayerRepository(build_dir, layer_name=LAYER), Mode.INFERENCE)
+    assert all(type(b.forward.__self__) is type(b) and b.forward.__func__ is not type(b).forward for b in _blocks(model))
+    ids = torch.randint(0, ref.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=2e-5, atol=2e-5)
+
+
+_BAD_LAYERS = '''
+
+class BadInit(Qwen3MoeSparseMoeBlock):
+    def __init__(self):
+        super().__init__()
+
+
+class BadExtraMember(Qwen3MoeSparseMoeBlock):
+    def helper(self):
+        return None
+
+
+class BadArity(Qwen3MoeSparseMoeBlock):
+    def forward(self, hidden_states, extra):
+        return hidden_states
+
+
+class NoBackward(Qwen3MoeSparseMoeBlock):
+    has_backward = False
+'''
+
+
+@pytest.fixture(scope="module")
+def bad_layers_build(build_dir, tmp_path_factory) -> Path:
+    """A copy of the build whose layers.py also defines layers that break kernelize's rules."""
+    out = tmp_path_factory.mktemp("bad") / "build"
+    variant = "torch-cuda" if torch.version.cuda else "torch-cpu"
+    shutil.copytree(build_dir / variant, out / variant)
+    with open(out / variant / "layers.py", "a") as f:
+        f.write(_BAD_LAYERS)
+    meta = json.loads((out / variant / "metadata.json").read_text())
+    meta["id"] += "_bad_layers"
+    del meta["digest"]
+    (out / variant / "metadata.json").write_text(json.dumps(meta))
+    return out
+
+
+@pytest.mark.parametrize(
+    "layer_name, error, match",
+    [
+        ("BadInit", TypeError, "constructor"),
+        ("BadExtraMember", TypeError, "additional members"),
+        ("BadArity", TypeError, "arguments"),
+        ("NoBackward", ValueError, "backward"),
+    ],
+)
+def test_kernelize_rejects_layers_that_break_the_rules(bad_layers_build, layer_name, error, match):
+    model = make_model(seed=5)
+    with pytest.raises(error, match=match):
+        _kernelize(model, LocalLayerRepository(bad_layers_build, layer_name=layer_name), Mode.TRAINING)
+    # Positive control: the same copy's real layer passes the same checks.
+    _kernelize(model, LocalLayerRepository(bad_layers_build, layer_name=LAYER), Mode.TRAINING)
+
+
+def test_layer_does_not_claim_torch_compile(kernel):
+    model = make_model(seed=6)
+    with pytest.raises(ValueError, match="torch.compile"):
+        _kernelize(model, LayerRepository(REPO_ID, layer_name=LAYER, version=1), Mode.TRAINING | Mode.TORCH_COMPILE)

@@ -1,0 +1,10 @@
+"""qwen3-moe-fused: fused grouped-GEMM kernels for Qwen3-MoE experts (forward and backward).
+
+Public API: ``moe_experts`` (functional), ``layers`` (for ``kernels.kernelize``) and ``reference`` (the
+pure-torch spec with the same signatures).
+"""
+
+from . import layers, reference
+from .functional import moe_experts
+
+__all__ = ["layers", "moe_experts", "reference"]

@@ -1,0 +1,54 @@
+"""Public functional API: validates inputs, then runs the experts on the best path for the tensors' device."""
+
+import torch
+
+from . import reference
+
+__all__ = ["moe_experts"]
+
+
+def _check_inputs(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, activation):
+    if activation != "silu":
+        raise ValueError(f"activation {activation!r} is not supported; Qwen3-MoE experts use 'silu' (SwiGLU)")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [tokens, hidden_size], got shape {tuple(hidden.shape)}")
+    if gate_up_proj.dim() != 3 or down_proj.dim() != 3:
+        raise ValueError(
+            "gate_up_proj must be [E, 2*I, H] and down_proj [E, H, I] (transformers 5.x stacked experts), got "
+            f"{tuple(gate_up_proj.shape)} and {tuple(down_proj.shape)}"
+        )
+    E, two_i, H = gate_up_proj.shape
+    if two_i % 2 or tuple(down_proj.shape) != (E, H, two_i // 2) or hidden.shape[1] != H:
+        raise ValueError(
+            f"inconsistent shapes: hidden {tuple(hidden.shape)}, gate_up_proj {tuple(gate_up_proj.shape)}, "
+            f"down_proj {tuple(down_proj.shape)}; expected hidden [T, H], gate_up_proj [E, 2I, H], down_proj [E, H, I]"
+        )
+    if top_k_index.dim() != 2 or top_k_index.shape != top_k_weights.shape or top_k_index.shape[0] != hidden.shape[0]:
+        raise ValueError(
+            f"top_k_index and top_k_weights must both be [T, K] with T = {hidden.shape[0]}, got "
+            f"{tuple(top_k_index.shape)} and {tuple(top_k_weights.shape)}"
+        )
+    if top_k_index.dtype.is_floating_point or top_k_index.dtype == torch.bool:
+        raise TypeError(f"top_k_index must be an integer tensor, got {top_k_index.dtype}")
+    devices = {t.device for t in (hidden, top_k_index, top_k_weights, gate_up_proj, down_proj)}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
+
+
+def moe_experts(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    *,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """Qwen3-MoE experts: out[t] = Σ_k w[t,k] · W2[e]·(silu(W1g[e]·x[t]) ⊙ W1u[e]·x[t]), e = top_k_index[t,k].
+
+    hidden [T, H]; top_k_index [T, K] integer (ids outside [0, E) are dropped); top_k_weights [T, K];
+    gate_up_proj [E, 2I, H] (gate rows first); down_proj [E, H, I]. Returns [T, H] in hidden's dtype.
+    Differentiable w.r.t. hidden, top_k_weights and both weights.
+    """
+    _check_inputs(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, activation)
+    return reference.moe_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj)
