@@ -1,7 +1,8 @@
 """Shared fixtures: the kernel built from this checkout, served from a private offline Hub cache.
 
 The Hub client reads HF_HUB_OFFLINE / HF_HUB_CACHE when it is imported, so they are set here, before any test
-module imports transformers or kernels.
+module imports transformers or kernels. Without CUDA, the Triton kernels run through Triton's interpreter
+(TRITON_INTERPRET=1, read when the kernel package is imported), so CPU runs test the kernels themselves.
 """
 
 import atexit
@@ -20,6 +21,9 @@ os.environ.pop("LOCAL_KERNELS", None)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 from qwen3_moe_patch.kernel_build import build_kernel, install_in_hub_cache  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +32,8 @@ REPO_ID = "org/qwen3-moe-fused"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    # Triton 3.6's interpreter converts size-1 arrays to scalars, which NumPy >= 1.25 deprecates.
+    config.addinivalue_line("filterwarnings", "ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 
 def pytest_collection_modifyitems(config, items):

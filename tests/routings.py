@@ -6,7 +6,7 @@ import torch
 CASES = {
     "single_token": (1, 3, 5),
     "uniform": (37, 4, 6),
-    "all_on_one_expert": (11, 1, 4),
+    "all_on_one_expert": (40, 1, 4),  # one expert over several M-tiles
     "empty_experts": (9, 2, 16),
     "same_expert_twice": (7, 3, 4),
     "sentinel_ids": (13, 3, 5),

@@ -1,11 +1,13 @@
 """The Nix-free build writes what kernel-builder writes for a noarch kernel, and the kernels loader accepts it."""
 
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from kernels._rust import Build, Digest, DigestAlgorithm, Metadata
 
 from qwen3_moe_patch.kernel_build import build_kernel, source_tree_id
@@ -109,6 +111,35 @@ def test_two_builds_load_side_by_side_with_distinct_namespaces(tmp_path):
     ).stdout.split("\n")
     modules, namespaces = out[0].split(), out[1].split()
     assert len(set(modules)) == 2 and namespaces == modules
+
+
+def test_two_variants_of_one_build_share_its_ops(build_dir, tmp_path):
+    """Both variants of a build (other module id, same op namespace) load in one process; the second reuses the
+    first's ops, which must outlive the first module."""
+    variant = "torch-cuda" if torch.version.cuda else "torch-cpu"
+    second = tmp_path / "other-variant"
+    shutil.copytree(build_dir / variant, second / variant)
+    meta = json.loads((second / variant / "metadata.json").read_text())
+    meta["id"] = meta["id"].replace("_cuda_", "_other_").replace("_cpu_", "_other_")
+    (second / variant / "metadata.json").write_text(json.dumps(meta))
+    script = (
+        "import gc, os, sys, torch; from pathlib import Path\n"
+        "if not torch.cuda.is_available(): os.environ['TRITON_INTERPRET'] = '1'\n"
+        "from kernels import get_local_kernel\n"
+        "first = get_local_kernel(Path(sys.argv[1]))\n"
+        "second = get_local_kernel(Path(sys.argv[2]))\n"
+        "assert first is not second and first.ops.experts_forward is second.ops.experts_forward\n"
+        "del first; gc.collect()\n"
+        "dev = 'cuda' if torch.cuda.is_available() else 'cpu'\n"
+        "x = torch.randn(5, 32, device=dev, requires_grad=True)\n"
+        "w1 = torch.randn(4, 16, 32, device=dev, requires_grad=True); w2 = torch.randn(4, 32, 8, device=dev)\n"
+        "idx = torch.randint(0, 4, (5, 2), device=dev); w = torch.rand(5, 2, device=dev)\n"
+        "out = second.moe_experts(x, idx, w, w1, w2); out.sum().backward()\n"
+        "ref = second.reference.moe_experts(x.detach(), idx, w, w1.detach(), w2)\n"
+        "torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4); print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(build_dir), str(second)], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 def test_build_errors_are_specific(tmp_path):

@@ -9,7 +9,8 @@ from conftest import ROOT
 
 
 def _run(*args, cwd=ROOT):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_HUB_")}
+    # As a user runs it: no test-session Hub cache, no Triton interpreter.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_HUB_") and k != "TRITON_INTERPRET"}
     return subprocess.run([sys.executable, "-m", "qwen3_moe_patch.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True)
 
@@ -19,6 +20,7 @@ def test_check_trains_like_hf_eager():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "loaded org/qwen3-moe-fused v1 offline from the local Hub cache" in result.stdout
     assert "patched 4 MoE blocks" in result.stdout and "check passed" in result.stdout
+    assert result.stderr.count("use the pure-torch reference path") == 1  # said once
 
 
 def test_build_writes_variants_and_a_hub_cache(tmp_path):

@@ -1,7 +1,6 @@
 """The built package loads four ways offline, and kernelize swaps it into a tiny transformers Qwen3-MoE."""
 
 import json
-import shutil
 from pathlib import Path
 
 import kernels
@@ -9,9 +8,10 @@ import pytest
 import torch
 from kernels import LayerRepository, LocalLayerRepository, Mode
 
+from qwen3_moe_patch.kernel_build import build_kernel
 from qwen3_moe_patch.presets import make_model
 
-from conftest import REPO_ID
+from conftest import REPO_ID, ROOT
 
 LAYER = "Qwen3MoeSparseMoeBlock"
 
@@ -54,10 +54,10 @@ def _blocks(model):
     return [m for m in model.modules() if type(m).__name__ == LAYER]
 
 
-def _kernelize(model, repo, mode):
+def _kernelize(model, repo, mode, device="cpu"):
     kernels.replace_kernel_forward_from_hub(type(_blocks(model)[0]), LAYER)
-    with kernels.use_kernel_mapping({LAYER: {"cpu": {mode: repo}}}, inherit_mapping=False):
-        kernels.kernelize(model, mode=mode, device="cpu", use_fallback=False)
+    with kernels.use_kernel_mapping({LAYER: {device: {mode: repo}}}, inherit_mapping=False):
+        kernels.kernelize(model, mode=mode, device=device, use_fallback=False)
 
 
 def _assert_grads_close(model, ref, rtol, atol):
@@ -66,25 +66,25 @@ def _assert_grads_close(model, ref, rtol, atol):
         torch.testing.assert_close(p.grad, q.grad, rtol=rtol, atol=atol, msg=name)
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
-def test_kernelize_training_matches_unpatched(kernel, dtype, tol):
+@pytest.mark.parametrize(
+    "dtype, tol, reference_impl",
+    [(torch.float64, 1e-10, "eager"), (torch.float32, 2e-5, "grouped_mm")],  # grouped_mm has no float64 kernel
+)
+def test_kernelize_training_matches_unpatched(kernel, dtype, tol, reference_impl):
     layer = kernel.layers.Qwen3MoeSparseMoeBlock
-    for reference_impl in ("eager", "grouped_mm"):
-        if dtype == torch.float64 and reference_impl == "grouped_mm":
-            continue  # torch's grouped_mm has no float64 kernel
-        ref = make_model(seed=3, experts_implementation=reference_impl).to(dtype)
-        model = make_model(seed=3).to(dtype)
-        _kernelize(model, LayerRepository(REPO_ID, layer_name=LAYER, version=1), Mode.TRAINING)
-        assert all(b.forward.__func__ is layer.forward for b in _blocks(model))
-        ids = torch.randint(0, ref.config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(0))
-        out, expected = model(input_ids=ids, labels=ids), ref(input_ids=ids, labels=ids)
-        assert len(out.router_logits) == len(_blocks(model))
-        torch.testing.assert_close(out.logits, expected.logits, rtol=tol, atol=tol)
-        torch.testing.assert_close(out.aux_loss, expected.aux_loss, rtol=tol, atol=tol)
-        torch.testing.assert_close(out.loss, expected.loss, rtol=tol, atol=tol)
-        out.loss.backward()
-        expected.loss.backward()
-        _assert_grads_close(model, ref, tol, tol)
+    ref = make_model(seed=3, experts_implementation=reference_impl).to(dtype)
+    model = make_model(seed=3).to(dtype)
+    _kernelize(model, LayerRepository(REPO_ID, layer_name=LAYER, version=1), Mode.TRAINING)
+    assert all(b.forward.__func__ is layer.forward for b in _blocks(model))
+    ids = torch.randint(0, ref.config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(0))
+    out, expected = model(input_ids=ids, labels=ids), ref(input_ids=ids, labels=ids)
+    assert len(out.router_logits) == len(_blocks(model))
+    torch.testing.assert_close(out.logits, expected.logits, rtol=tol, atol=tol)
+    torch.testing.assert_close(out.aux_loss, expected.aux_loss, rtol=tol, atol=tol)
+    torch.testing.assert_close(out.loss, expected.loss, rtol=tol, atol=tol)
+    out.loss.backward()
+    expected.loss.backward()
+    _assert_grads_close(model, ref, tol, tol)
 
 
 def test_kernelize_inference_matches_unpatched(build_dir, kernel):
@@ -120,17 +120,12 @@ class NoBackward(Qwen3MoeSparseMoeBlock):
 
 
 @pytest.fixture(scope="module")
-def bad_layers_build(build_dir, tmp_path_factory) -> Path:
-    """A copy of the build whose layers.py also defines layers that break kernelize's rules."""
+def bad_layers_build(tmp_path_factory) -> Path:
+    """A build (own id and op namespace) whose layers.py also defines layers that break kernelize's rules."""
     out = tmp_path_factory.mktemp("bad") / "build"
-    variant = "torch-cuda" if torch.version.cuda else "torch-cpu"
-    shutil.copytree(build_dir / variant, out / variant)
-    with open(out / variant / "layers.py", "a") as f:
-        f.write(_BAD_LAYERS)
-    meta = json.loads((out / variant / "metadata.json").read_text())
-    meta["id"] += "_bad_layers"
-    del meta["digest"]
-    (out / variant / "metadata.json").write_text(json.dumps(meta))
+    for variant in build_kernel(ROOT, out_dir=out, unique_id="badlayr").values():
+        with open(variant / "layers.py", "a") as f:
+            f.write(_BAD_LAYERS)
     return out
 
 
@@ -151,7 +146,19 @@ def test_kernelize_rejects_layers_that_break_the_rules(bad_layers_build, layer_n
     _kernelize(model, LocalLayerRepository(bad_layers_build, layer_name=LAYER), Mode.TRAINING)
 
 
-def test_layer_does_not_claim_torch_compile(kernel):
-    model = make_model(seed=6)
-    with pytest.raises(ValueError, match="torch.compile"):
-        _kernelize(model, LayerRepository(REPO_ID, layer_name=LAYER, version=1), Mode.TRAINING | Mode.TORCH_COMPILE)
+def test_kernelize_torch_compile_mode_compiles_the_block_fullgraph(kernel):
+    """On the kernel path (CUDA, or the interpreter on CPU) the block compiles without graph breaks."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ref = make_model(seed=6, experts_implementation="eager").to(device)
+    model = make_model(seed=6).to(device)
+    mode = Mode.TRAINING | Mode.TORCH_COMPILE
+    _kernelize(model, LayerRepository(REPO_ID, layer_name=LAYER, version=1), mode, device)
+    block, ref_block = _blocks(model)[0], _blocks(ref)[0]
+    compiled = torch.compile(block, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
+    x = torch.randn(2, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(2)).to(device)
+    x.requires_grad_()
+    out, expected = compiled(x), ref_block(x)
+    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(block.experts.gate_up_proj.grad, ref_block.experts.gate_up_proj.grad, rtol=2e-5, atol=2e-5)

@@ -1,8 +1,18 @@
-"""Public functional API: validates inputs, then runs the experts on the best path for the tensors' device."""
+"""Public functional API: validates inputs, then runs the experts on the best path for the tensors' device.
+
+CUDA tensors (and any tensors under ``TRITON_INTERPRET=1``) go through the Triton kernels (``ops``); other
+tensors through the pure-torch ``reference``, which says so once.
+"""
+
+import logging
 
 import torch
 
-from . import reference
+from . import ops, reference
+from .kernels.routing import route
+
+_logger = logging.getLogger(__name__)
+_said_reference = False
 
 __all__ = ["moe_experts"]
 
@@ -30,6 +40,9 @@ def _check_inputs(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, a
         )
     if top_k_index.dtype.is_floating_point or top_k_index.dtype == torch.bool:
         raise TypeError(f"top_k_index must be an integer tensor, got {top_k_index.dtype}")
+    if gate_up_proj.dtype != down_proj.dtype or not gate_up_proj.dtype.is_floating_point:
+        raise TypeError(f"gate_up_proj and down_proj must share one floating dtype, got {gate_up_proj.dtype} "
+                        f"and {down_proj.dtype}")
     devices = {t.device for t in (hidden, top_k_index, top_k_weights, gate_up_proj, down_proj)}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
@@ -51,4 +64,22 @@ def moe_experts(
     Differentiable w.r.t. hidden, top_k_weights and both weights.
     """
     _check_inputs(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, activation)
-    return reference.moe_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj)
+    if hidden.shape[0] == 0 or not (hidden.is_cuda or ops._INTERPRET):
+        _say_reference(hidden)
+        return reference.moe_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj)
+    # Like transformers' grouped_mm path, compute in the weights' dtype and return hidden's.
+    x = hidden.to(gate_up_proj.dtype)
+    block_m = ops.block_m_for(top_k_index.numel(), gate_up_proj.shape[0])
+    routing = route(top_k_index, gate_up_proj.shape[0], block_m)
+    out, _ = ops.experts_forward(x, top_k_weights, gate_up_proj, down_proj, *routing, block_m)
+    return out.to(hidden.dtype)
+
+
+def _say_reference(hidden):
+    global _said_reference
+    if not _said_reference and hidden.shape[0]:
+        _said_reference = True
+        _logger.warning(
+            "qwen3-moe-fused: %s tensors use the pure-torch reference path; the Triton kernels run on CUDA "
+            "(or anywhere under TRITON_INTERPRET=1)", hidden.device.type,
+        )

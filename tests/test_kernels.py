@@ -1,0 +1,233 @@
+"""The Triton kernels against the float64 reference: forward, every gradient, determinism, saved activations.
+
+On CPU they run through Triton's interpreter (conftest sets TRITON_INTERPRET=1 without CUDA), in float64,
+float32 and float16 (the interpreter's bfloat16 dot is broken); tests marked ``gpu`` run bfloat16 at
+Qwen3-30B-A3B shapes on a CUDA device.
+"""
+
+import zlib
+
+import pytest
+import torch
+
+from routings import CASES, make_routing
+
+H, I = 72, 40  # not multiples of any block; > one K-step and > one column block in the interpreter
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def assert_close_rel(got, want, tol, name=""):
+    """‖got − want‖ / ‖want‖ ≤ tol and every element within tol · max|want| (a wrong row fails both)."""
+    got, want = got.double(), want.double()
+    scale = want.abs().max().item()
+    assert scale > 0, f"{name}: reference is all zeros"
+    rel = ((got - want).norm() / want.norm()).item()
+    worst = (got - want).abs().max().item() / scale
+    assert rel <= tol and worst <= 10 * tol, f"{name}: relative error {rel:.3e}, worst element {worst:.3e} > {tol:.0e}"
+
+
+def _problem(case, dtype, seed, device=DEVICE, contiguous=True):
+    gen = torch.Generator().manual_seed(seed)
+    index, weights, E = make_routing(case, gen)
+    T, K = index.shape
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+    tensors = [t.to(device=device, dtype=dtype) for t in
+               (rand(T, H), weights, rand(E, 2 * I, H, scale=0.2), rand(E, H, I, scale=0.2))]
+    if not contiguous:  # same values in transposed / strided storage
+        def relayout(t, shape, view):
+            return view(torch.empty(shape, dtype=t.dtype, device=t.device)).copy_(t)
+
+        x, weights, w1, w2 = tensors
+        tensors = [
+            relayout(x, (H, T), lambda b: b.t()),
+            relayout(weights, (T, 2 * K), lambda b: b[:, ::2]),
+            relayout(w1, (E, H, 2 * I), lambda b: b.transpose(1, 2)),
+            relayout(w2, (E, I, H), lambda b: b.transpose(1, 2)),
+        ]
+        index = relayout(index, (T, 2 * K), lambda b: b[:, 1::2])
+        assert not any(t.is_contiguous() for t in (*tensors, index))
+    leaves = [t.requires_grad_() for t in tensors]
+    return leaves, index.to(device), torch.randn(T, H, generator=gen, dtype=torch.float64).to(device)
+
+
+def _run(kernel, leaves, index, grad_out):
+    x, weights, w1, w2 = leaves
+    out = kernel.moe_experts(x, index, weights, w1, w2)
+    grads = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], grad_out.to(out.dtype))
+    return out, grads
+
+
+def _reference(kernel, leaves, index, grad_out):
+    ref_leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+    x, weights, w1, w2 = ref_leaves
+    out = kernel.reference.moe_experts(x, index, weights, w1, w2)
+    return out, torch.autograd.grad(out, [t for t in ref_leaves if t.requires_grad], grad_out)
+
+
+NAMES = ("out", "d hidden", "d top_k_weights", "d gate_up_proj", "d down_proj")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_and_gradients_match_reference(kernel, case, dtype):
+    leaves, index, grad_out = _problem(case, dtype, zlib.crc32(f"{case}{dtype}".encode()))
+    out, grads = _run(kernel, leaves, index, grad_out)
+    ref_out, ref_grads = _reference(kernel, leaves, index, grad_out)
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    for name, got, want in zip(NAMES, (out, *grads), (ref_out, *ref_grads)):
+        assert_close_rel(got, want, TOL[dtype], f"{case} {dtype} {name}")
+
+
+def test_non_contiguous_inputs(kernel):
+    leaves, index, grad_out = _problem("uniform", torch.float32, 11, contiguous=False)
+    out, grads = _run(kernel, leaves, index, grad_out.t().contiguous().t())
+    ref_out, ref_grads = _reference(kernel, leaves, index, grad_out)
+    for name, got, want in zip(NAMES, (out, *grads), (ref_out, *ref_grads)):
+        assert_close_rel(got, want, TOL[torch.float32], name)
+
+
+def test_int32_indices_and_frozen_experts(kernel):
+    """LoRA-style: expert weights frozen; no weight gradients are formed, the others still match."""
+    leaves, index, grad_out = _problem("same_expert_twice", torch.float32, 12)
+    leaves[2].requires_grad_(False)
+    leaves[3].requires_grad_(False)
+    out, grads = _run(kernel, leaves, index.int(), grad_out)
+    ref_out, ref_grads = _reference(kernel, leaves, index, grad_out)
+    assert len(grads) == 2
+    for name, got, want in zip(NAMES[:3], (out, *grads), (ref_out, *ref_grads)):
+        assert_close_rel(got, want, TOL[torch.float32], name)
+
+
+def test_experts_without_tokens_get_exact_zero_weight_gradients(kernel):
+    leaves, index, grad_out = _problem("empty_experts", torch.float32, 13)
+    _, (_, _, d_w1, d_w2) = _run(kernel, leaves, index, grad_out)
+    used = torch.zeros(d_w1.shape[0], dtype=torch.bool)
+    used[index.unique().cpu()] = True
+    assert (d_w1[~used] == 0).all() and (d_w2[~used] == 0).all()
+    assert (d_w1[used].abs().amax(dim=(1, 2)) > 0).all()
+
+
+def test_two_runs_are_bit_identical(kernel):
+    leaves, index, grad_out = _problem("uniform", torch.float32, 14)
+    first = _run(kernel, leaves, index, grad_out)
+    second = _run(kernel, leaves, index, grad_out)
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+
+
+def test_saves_only_hidden_z_weights_and_indices(kernel):
+    leaves, index, _ = _problem("uniform", torch.float32, 15)
+    x, weights, w1, w2 = leaves
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kernel.moe_experts(x, index, weights, w1, w2)
+    T, K = index.shape
+    inputs = {t.data_ptr() for t in (x, weights, w1, w2)}
+    floats = [t for t in saved if t.is_floating_point()]
+    assert inputs <= {t.data_ptr() for t in floats}  # saved by reference, not copied
+    activations = [tuple(t.shape) for t in floats if t.data_ptr() not in inputs]
+    assert activations == [(T * K, 2 * I)]  # z only; no T·K×H tensor
+    indices = [t for t in saved if not t.is_floating_point()]
+    assert all(t.dtype == torch.int32 and t.numel() <= T * K + 64 for t in indices)
+
+
+def test_device_routing_matches_reference_routing(kernel):
+    route = kernel.kernels.routing.route
+    for case in sorted(CASES):
+        index, _, E = make_routing(case, torch.Generator().manual_seed(16))
+        T, K = index.shape
+        ref = kernel.reference.route(index, E)
+        r = route(index.to(DEVICE), E, block_m=16)
+        assert torch.equal(r.offsets.cpu().long(), ref.offsets)
+        n = int(ref.offsets[-1])
+        assert torch.equal(r.row_pair[:n].cpu().long(), ref.order[:n])
+        want = torch.where(ref.valid.reshape(-1), ref.inverse.reshape(-1), -1)
+        assert torch.equal(r.pair_row.cpu().long(), want)
+        covered = torch.zeros(T * K, dtype=torch.int64)  # every row in exactly one tile of its expert
+        for e, row in zip(r.tile_expert.tolist(), r.tile_row.tolist()):
+            if e == -1:
+                continue
+            start, end = (int(ref.offsets[e]), int(ref.offsets[e + 1])) if e >= 0 else (n, T * K)
+            lo, hi = row, min(row + 16, end)
+            assert lo >= start and hi > lo, (case, e, row)
+            covered[lo:hi] += 1
+        assert (covered == 1).all(), case
+        real_tiles = sum(-(-c // 16) for c in ref.counts.tolist())
+        assert (r.tile_expert >= 0).sum().item() == real_tiles
+        assert (r.tile_expert == -2).sum().item() == -(-(T * K - n) // 16)
+
+
+def _op_args(kernel, leaves, index, block_m):
+    routing = kernel.kernels.routing.route(index, leaves[2].shape[0], block_m)
+    return (*leaves, *routing, block_m)
+
+
+def test_opcheck(kernel):
+    leaves, index, grad_out = _problem("sentinel_ids", torch.float32, 17)
+    ops = kernel.ops
+    args = _op_args(kernel, leaves, index, ops.block_m_for(index.numel(), leaves[2].shape[0]))
+    torch.library.opcheck(ops.experts_forward, args)
+    _, z = ops.experts_forward(*args)
+    x, weights, w1, w2 = (t.detach() for t in leaves)
+    bwd_args = (grad_out.float(), x, weights, w1, w2, z.detach(), *args[4:], True, True, True, True)
+    torch.library.opcheck(ops.experts_backward, bwd_args)
+
+
+def test_torch_compile_fullgraph_matches_eager(kernel):
+    leaves, index, grad_out = _problem("uniform", torch.float32, 18)
+
+    def step(x, weights, w1, w2):
+        return kernel.moe_experts(x, index, weights, w1, w2)
+
+    compiled = torch.compile(step, fullgraph=True, backend="inductor" if torch.cuda.is_available() else "aot_eager")
+    out = compiled(*leaves)
+    grads = torch.autograd.grad(out, leaves, grad_out.float())
+    ref_out, ref_grads = _run(kernel, leaves, index, grad_out)
+    assert torch.equal(out, ref_out) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+
+
+# --- GPU: bfloat16 at Qwen3-30B-A3B shapes ---------------------------------------------------------------------
+
+
+def _qwen3_30b_problem(T, seed, requires_grad=True):
+    H30, I30, E, K = 2048, 768, 128, 8
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    logits = torch.randn(T, E, generator=gen, device="cuda")
+    weights, index = torch.softmax(logits, -1).topk(K, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    x = torch.randn(T, H30, generator=gen, device="cuda")
+    w1 = torch.randn(E, 2 * I30, H30, generator=gen, device="cuda") * 0.02
+    w2 = torch.randn(E, H30, I30, generator=gen, device="cuda") * 0.02
+    leaves = [t.bfloat16().requires_grad_(requires_grad) for t in (x, weights, w1, w2)]
+    return leaves, index, torch.randn(T, H30, generator=gen, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 7, 4096, 16384])
+def test_gpu_bfloat16_qwen3_30b_shapes_match_float32_reference(kernel, T):
+    leaves, index, grad_out = _qwen3_30b_problem(T, T)
+    out, grads = _run(kernel, leaves, index, grad_out)
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    ref_out = kernel.reference.moe_experts(ref_leaves[0], index, ref_leaves[1], ref_leaves[2], ref_leaves[3])
+    ref_grads = torch.autograd.grad(ref_out, ref_leaves, grad_out)
+    for name, got, want in zip(NAMES, (out, *grads), (ref_out, *ref_grads)):
+        assert_close_rel(got, want, TOL[torch.bfloat16], f"T={T} {name}")
+
+
+@pytest.mark.gpu
+def test_gpu_bit_identical_and_saved_bytes_per_token(kernel):
+    T = 4096
+    leaves, index, grad_out = _qwen3_30b_problem(T, 1)
+    first, second = _run(kernel, leaves, index, grad_out), _run(kernel, leaves, index, grad_out)
+    assert torch.equal(first[0], second[0]) and all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+    params = {t.data_ptr() for t in leaves[2:]}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kernel.moe_experts(leaves[0], index, leaves[1], leaves[2], leaves[3])
+    per_token = sum(t.numel() * t.element_size() for t in saved if t.data_ptr() not in params) / T
+    # x (2·H) + z (2·K·2I) + weights (2·K) + int32 indices (≈ 4·2K) bytes per token: 28.7 KiB at these shapes
+    assert per_token <= 2 * 2048 + 2 * 8 * 2 * 768 + 2 * 8 + 4 * 2 * 8 + 64

@@ -1,0 +1,64 @@
+"""Backward of the down projection and SwiGLU, one grouped GEMM with a fused epilogue.
+
+For each row r of expert e (pair p = row_pair[r], token t = p // K, routing weight s = w[t, p % K]):
+    dA[r] = dOut[t] · W2[e]                          (gathered dOut; [I])
+    h[r]  = silu(g) · u  recomputed from z[r] = [g, u]
+    dS partial over this program's I-columns:  Σ dA[r] · h[r]   (d out / d s; summed over column blocks later)
+    dz[r] = [ s·dA · u · silu'(g),  s·dA · silu(g) ]   (dSwiGLU)
+    hs[r] = s · h[r]                                 (input of dW2; only when STORE_HS)
+Writes dz [TK, 2I] and hs [TK, I] in z's dtype, ds_partial [cdiv(I, BLOCK_N), TK] in ACC.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def down_dgrad_dswiglu_kernel(
+    dout_ptr, w_ptr, z_ptr, s_ptr, dz_ptr, hs_ptr, ds_partial_ptr,
+    row_pair_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
+    I, H, K_SLOTS, NUM_ROWS,
+    stride_dt, stride_dh, stride_we, stride_wh, stride_wi, stride_st, stride_sk,
+    STORE_HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    expert = tl.load(tile_expert_ptr + tile)
+    if expert < 0:
+        return
+    row_end = tl.load(offsets_ptr + expert + 1)
+    rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    pairs = tl.load(row_pair_ptr + rows, mask=row_mask, other=0)
+    tokens = (pairs // K_SLOTS).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < I
+    ks = tl.arange(0, BLOCK_K)
+
+    dout_rows = dout_ptr + tokens[:, None] * stride_dt
+    w_cols = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wi
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + ks
+        k_mask = k < H
+        a = tl.load(dout_rows + k[None, :] * stride_dh, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(w_cols + k[:, None].to(tl.int64) * stride_wh, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+
+    mask = row_mask[:, None] & col_mask[None, :]
+    z_rows = z_ptr + rows[:, None].to(tl.int64) * (2 * I) + cols[None, :]
+    gate = tl.load(z_rows, mask=mask, other=0.0).to(ACC)
+    up = tl.load(z_rows + I, mask=mask, other=0.0).to(ACC)
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    h = silu * up
+    tl.store(ds_partial_ptr + tl.program_id(1).to(tl.int64) * NUM_ROWS + rows, tl.sum(acc * h, axis=1), mask=row_mask)
+
+    s = tl.load(s_ptr + tokens * stride_st + (pairs % K_SLOTS) * stride_sk, mask=row_mask, other=0.0).to(ACC)
+    dh = acc * s[:, None]
+    dz_rows = dz_ptr + rows[:, None].to(tl.int64) * (2 * I) + cols[None, :]
+    tl.store(dz_rows, (dh * up * (sig + silu * (1.0 - sig))).to(dz_ptr.dtype.element_ty), mask=mask)
+    tl.store(dz_rows + I, (dh * silu).to(dz_ptr.dtype.element_ty), mask=mask)
+    if STORE_HS:
+        hs = hs_ptr + rows[:, None].to(tl.int64) * I + cols[None, :]
+        tl.store(hs, (h * s[:, None]).to(hs_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,60 @@
+"""Forward up projection: one grouped GEMM over the M-tiles with the row gather and SwiGLU fused.
+
+For each row r of expert e (token t = row_pair[r] // K):
+    z[r, :I] = x[t] · W1[e, :I]ᵀ (gate),  z[r, I:] = x[t] · W1[e, I:]ᵀ (up),  h[r] = silu(z[r, :I]) · z[r, I:]
+Both accumulators share the gathered x tile; x is read through the gather index, never copied to T·K×H.
+Writes z [TK, 2I] (kept for backward) and h [TK, I] (input of the down projection), in x's dtype; the rows
+of dropped pairs (tiles with expert -2) get zeros in z, so the output is defined everywhere.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def gate_up_swiglu_kernel(
+    x_ptr, w_ptr, z_ptr, h_ptr,
+    row_pair_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
+    I, H, K_SLOTS, NUM_ROWS,
+    stride_xt, stride_xh, stride_we, stride_wn, stride_wk,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    expert = tl.load(tile_expert_ptr + tile)
+    rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < I
+    z_rows = z_ptr + rows[:, None].to(tl.int64) * (2 * I) + cols[None, :]
+    if expert < 0:
+        if expert == -2:  # dropped pairs' rows
+            zero_mask = (rows < NUM_ROWS)[:, None] & col_mask[None, :]
+            zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=z_ptr.dtype.element_ty)
+            tl.store(z_rows, zeros, mask=zero_mask)
+            tl.store(z_rows + I, zeros, mask=zero_mask)
+        return
+    row_end = tl.load(offsets_ptr + expert + 1)
+    row_mask = rows < row_end
+    tokens = (tl.load(row_pair_ptr + rows, mask=row_mask, other=0) // K_SLOTS).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+
+    x_rows = x_ptr + tokens[:, None] * stride_xt
+    w_gate = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn
+    w_up = w_gate + I * stride_wn
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + ks
+        k_mask = k < H
+        a = tl.load(x_rows + k[None, :] * stride_xh, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        b_gate = tl.load(w_gate + k[:, None] * stride_wk, mask=w_mask, other=0.0)
+        b_up = tl.load(w_up + k[:, None] * stride_wk, mask=w_mask, other=0.0)
+        acc_gate = tl.dot(a, b_gate, acc_gate, input_precision=PRECISION, out_dtype=ACC)
+        acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION, out_dtype=ACC)
+
+    h = acc_gate * tl.sigmoid(acc_gate) * acc_up
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    tl.store(z_rows, acc_gate.to(z_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(z_rows + I, acc_up.to(z_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(h_ptr + rows[:, None].to(tl.int64) * I + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=out_mask)
