@@ -92,6 +92,28 @@ def _bench(fn, args, grad_inputs, dout):
     return fwd, fwd_bwd, peak
 
 
+def _profile(fn, args, grad_inputs, dout, label):
+    """CUDA time per kernel over one fwd+bwd (after warm-up), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn(*args).backward(dout)
+        for t in grad_inputs:
+            t.grad = None
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(*args).backward(dout)
+        torch.cuda.synchronize()
+    for t in grad_inputs:
+        t.grad = None
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in events)
+    print(f"\nper-kernel CUDA time, one fwd+bwd of {label}: {total / 1e3:.2f} ms")
+    for e in events[:14]:
+        print(f"  {e.device_time_total / 1e3:7.3f} ms  x{e.count:<3d} {e.key[:90]}")
+
+
 def _dense_tflops():
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -122,6 +144,7 @@ def main():
     parser.add_argument("--shape", default="30b-a3b", choices=sorted(SHAPES))
     parser.add_argument("--impls", nargs="+", default=["fused", "grouped_mm", "liger", "eager"])
     parser.add_argument("--eager-tokens", type=int, default=4096, help="the one T at which the eager loop runs")
+    parser.add_argument("--profile", action="store_true", help="print a per-kernel breakdown of each timed fwd+bwd")
     args = parser.parse_args()
 
     import kernels
@@ -157,6 +180,8 @@ def main():
                 row.update(fwd_ms=fwd, fwd_bwd_ms=fwd_bwd, fwd_tflops=6 * flops / fwd / 1e9,
                            fwd_bwd_tflops=18 * flops / fwd_bwd / 1e9, peak_extra_mib=peak,
                            saved_bytes_per_token=_saved_bytes_per_token(fn, call, (w1, w2), T))
+                if args.profile:
+                    _profile(fn, call, leaves, dout, f"{name} at T={T}")
             except Exception as err:  # one implementation failing must not hide the others
                 row["error"] = f"{type(err).__name__}: {err}"[:300]
             rows.append(row)

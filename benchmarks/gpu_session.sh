@@ -9,7 +9,7 @@ export PYTHONPATH=/tmp/site:$PWD/patch PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.used,clocks.sm --format=csv,noheader
 python3 -c "import torch, triton, transformers, peft, kernels; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'kernels', kernels.__version__)"
 python3 -m qwen3_moe_patch.cli build --out build || exit 1
-python3 -m pytest tests -q -p no:cacheprovider -rs ${PYTEST_ARGS:-} > "$OUT/pytest.log" 2>&1; echo "pytest exit $?"
+python3 -m pytest ${PYTEST_TARGETS:-tests} -q -p no:cacheprovider -rs > "$OUT/pytest.log" 2>&1; echo "pytest exit $?"
 grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3
 grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
 python3 benchmarks/bench_experts.py --build build --out "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^{'

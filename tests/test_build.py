@@ -64,7 +64,8 @@ def test_ops_py_is_the_kernel_builder_template(build_dir):
     assert 'kernel_name = "qwen3_moe_fused"' in text and f'unique_id = "{uid}"' in text
     namespace = {}
     exec(compile(text, "_ops.py", "exec"), namespace)
-    assert namespace["add_op_namespace_prefix"]("moe") == f"_qwen3_moe_fused_cpu_{uid}::moe"
+    backend = "cuda" if torch.version.cuda else "cpu"  # the namespace follows the running torch's backend
+    assert namespace["add_op_namespace_prefix"]("moe") == f"_qwen3_moe_fused_{backend}_{uid}::moe"
 
 
 def test_unique_id_is_gits_tree_id_of_the_package(tmp_path):

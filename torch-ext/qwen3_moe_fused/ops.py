@@ -38,20 +38,27 @@ def block_m_for(num_rows: int, num_experts: int) -> int:
     return 128 if num_rows >= 256 * num_experts else 64
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) per kernel on the GPU; the interpreter uses 32-wide blocks.
-_GPU_CONFIG = {
-    "gate_up": (64, 64, 4, 4),
-    "grouped_gemm": (128, 64, 8, 4),
-    "dgrad": (64, 64, 4, 4),
-    "wgrad": (128, 64, 8, 3),  # (BLOCK_N, BLOCK_K = rows per step); BLOCK_M = 128
+# Launch configuration per kernel on the GPU, for 2-byte dtypes: BLOCK_K shrinks for wider ones so the
+# shared-memory stages keep their size. The M-tile height of the tile-table kernels is block_m_for's. The
+# interpreter uses 32-wide blocks.
+GPU_CONFIG = {  # from benchmarks/sweep_configs.py on an H100 (benchmarks/NOTES.md)
+    "gate_up": dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
+    "grouped_gemm": dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
+    "dgrad": dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
+    "wgrad": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
 }
+_INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_K=32)
 
 
-def _cfg(kind):
+def _cfg(kind, dtype):
+    """(block sizes, launch options) for kernel ``kind`` on ``dtype`` operands."""
     if _INTERPRET:
-        return dict(BLOCK_N=32, BLOCK_K=32), {}
-    block_n, block_k, warps, stages = _GPU_CONFIG[kind]
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k), dict(num_warps=warps, num_stages=stages)
+        blocks = dict(_INTERPRETER_CONFIG, **({"BLOCK_M": 32} if kind == "wgrad" else {}))
+        return blocks, {}
+    config = dict(GPU_CONFIG[kind])
+    launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
+    config["BLOCK_K"] = max(16, config["BLOCK_K"] * 2 // dtype.itemsize)
+    return config, launch
 
 
 def _acc(tl, dtype):
@@ -76,7 +83,7 @@ def _combine(rows, weights, pair_row, out):
 def _grouped_gemm(a, b, stride_bk, stride_bn, n, tile_expert, tile_row, offsets, block_m):
     triton, tl, (_, _, _, _, grouped_gemm) = _triton()
     c = a.new_empty(a.shape[0], n)
-    blocks, launch = _cfg("grouped_gemm")
+    blocks, launch = _cfg("grouped_gemm", a.dtype)
     grid = (tile_expert.numel(), triton.cdiv(n, blocks["BLOCK_N"]))
     grouped_gemm.grouped_gemm_kernel[grid](
         a, b, c, tile_expert, tile_row, offsets, n, a.shape[1], b.stride(0), stride_bk, stride_bn,
@@ -88,12 +95,11 @@ def _grouped_gemm(a, b, stride_bk, stride_bn, n, tile_expert, tile_row, offsets,
 def _expert_wgrad(a, b, row_pair, offsets, out, stride_om, stride_on, K):
     triton, tl, (_, _, expert_wgrad, _, _) = _triton()
     M, N = a.shape[1], b.shape[1]
-    blocks, launch = _cfg("wgrad")
-    block_m = 32 if _INTERPRET else 128
-    grid = (out.shape[0], triton.cdiv(M, block_m), triton.cdiv(N, blocks["BLOCK_N"]))
+    blocks, launch = _cfg("wgrad", a.dtype)
+    grid = (out.shape[0], triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(N, blocks["BLOCK_N"]))
     expert_wgrad.expert_wgrad_kernel[grid](
         a, b, out, row_pair, offsets, M, N, K, b.stride(0), b.stride(1), out.stride(0), stride_om, stride_on,
-        BLOCK_M=block_m, **blocks, ACC=_acc(tl, a.dtype), PRECISION=_PRECISION, **launch,
+        **blocks, ACC=_acc(tl, a.dtype), PRECISION=_PRECISION, **launch,
     )
     return out
 
@@ -117,7 +123,7 @@ def _experts_forward(
     K = top_k_weights.shape[1]
     z = hidden.new_empty(T * K, two_i)
     h = hidden.new_empty(T * K, I)
-    blocks, launch = _cfg("gate_up")
+    blocks, launch = _cfg("gate_up", hidden.dtype)
     grid = (tile_expert.numel(), triton.cdiv(I, blocks["BLOCK_N"]))
     gate_up_swiglu.gate_up_swiglu_kernel[grid](
         hidden, gate_up_proj, z, h, row_pair, tile_expert, tile_row, offsets, I, H, K, T * K,
@@ -159,7 +165,7 @@ def _experts_backward(
     K = top_k_weights.shape[1]
     acc = _acc(tl, z.dtype)
     grad_out = grad_out.to(z.dtype)
-    blocks, launch = _cfg("dgrad")
+    blocks, launch = _cfg("dgrad", z.dtype)
     n_blocks = triton.cdiv(I, blocks["BLOCK_N"])
     dz = torch.empty_like(z)
     hs = z.new_empty(T * K, I) if need_down else z.new_empty(0)
@@ -204,6 +210,7 @@ def _setup_context(ctx, inputs, output):
     hidden, top_k_weights, gate_up_proj, down_proj, *routing, block_m = inputs
     ctx.save_for_backward(hidden, top_k_weights, gate_up_proj, down_proj, output[1], *routing)
     ctx.block_m = block_m
+    ctx.set_materialize_grads(False)  # z's gradient is always None; no [TK, 2I] zero tensor for it
 
 
 def _backward(ctx, grad_out, _grad_z):
