@@ -20,6 +20,8 @@ def test_check_trains_like_hf_eager():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "loaded org/qwen3-moe-fused v1 offline from the local Hub cache" in result.stdout
     assert "patched 4 MoE blocks" in result.stdout and "check passed" in result.stdout
+    revision = result.stdout.split("revision ")[1].split()[0]
+    assert f"v1 (commit {revision}" in result.stdout  # the report names the Hub commit it runs
     assert result.stderr.count("use the pure-torch reference path") == 1  # said once
 
 

@@ -1,18 +1,19 @@
-"""``qwen3-moe-fused``: build the Hub kernel without Nix, and check it end to end on a tiny model.
+"""``qwen3-moe-fused``: build the Hub kernel without Nix, lock it, and check it end to end on a tiny model.
 
     qwen3-moe-fused build [--project DIR] [--out DIR] [--backend B ...] [--hub-cache DIR]
+    qwen3-moe-fused lock  [--project DIR] [--out FILE]
     qwen3-moe-fused check [--project DIR] [--steps N] [--device cpu|cuda] [--dtype float32|bfloat16]
 """
 
 import argparse
-import os
+import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .kernel_build import build_kernel, install_in_hub_cache
-from .patch import DEFAULT_REPO_ID, DEFAULT_VERSION
+from .kernel_build import build_kernel, build_revision, install_in_hub_cache, kernel_config
+from .kernel_source import DEFAULT_REPO_ID, LOCKFILE
 
 
 def _build(args) -> int:
@@ -21,8 +22,21 @@ def _build(args) -> int:
         print(f"built torch-{backend}: {path}")
     if args.hub_cache:
         out = Path(args.out) if args.out else Path(args.project) / "build"
-        revision = install_in_hub_cache(out, args.hub_cache, DEFAULT_REPO_ID, DEFAULT_VERSION)
-        print(f"installed as {DEFAULT_REPO_ID} v{DEFAULT_VERSION} (revision {revision}) in Hub cache {args.hub_cache}")
+        version = kernel_config(args.project)["general"]["version"]
+        revision = install_in_hub_cache(out, args.hub_cache, DEFAULT_REPO_ID, version)
+        print(f"installed as {DEFAULT_REPO_ID} v{version} (revision {revision}) in Hub cache {args.hub_cache}")
+    return 0
+
+
+def _lock(args) -> int:
+    """Offline equivalent of ``kernels lock patch/``: pin the revision ``build --hub-cache`` installs."""
+    version = kernel_config(args.project)["general"]["version"]
+    with tempfile.TemporaryDirectory() as tmp:
+        build_kernel(args.project, out_dir=tmp)
+        revision = build_revision(tmp)
+    lock = [{"dependency": {"repo-id": DEFAULT_REPO_ID, "version": version}, "lock": {"commit": revision}}]
+    Path(args.out).write_text(json.dumps(lock, indent=2) + "\n")
+    print(f"{args.out}: {DEFAULT_REPO_ID} v{version} -> {revision}")
     return 0
 
 
@@ -47,12 +61,15 @@ def _train(model, batches, lr):
 
 def _check(args) -> int:
     with tempfile.TemporaryDirectory(prefix="qwen3-moe-fused-") as tmp:
-        # The Hub client reads these when imported: set them before transformers/kernels are.
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["HF_HUB_CACHE"] = str(Path(tmp) / "hub")
-        os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+        # Offline, from a private Hub cache. The Hub client read its environment when this package imported
+        # transformers, so its constants are set directly.
+        import huggingface_hub.constants as hub
+
+        hub.HF_HUB_OFFLINE = True
+        hub.HF_HUB_CACHE = str(Path(tmp) / "hub")
+        version = kernel_config(args.project)["general"]["version"]
         build_kernel(args.project, out_dir=Path(tmp) / "build")
-        revision = install_in_hub_cache(Path(tmp) / "build", Path(tmp) / "hub", DEFAULT_REPO_ID, DEFAULT_VERSION)
+        revision = install_in_hub_cache(Path(tmp) / "build", Path(tmp) / "hub", DEFAULT_REPO_ID, version)
 
         import kernels
         import torch
@@ -60,14 +77,14 @@ def _check(args) -> int:
         from .patch import patch_qwen3_moe
         from .presets import make_model
 
-        kernel = kernels.get_kernel(DEFAULT_REPO_ID, version=DEFAULT_VERSION)
-        print(f"loaded {DEFAULT_REPO_ID} v{DEFAULT_VERSION} offline from the local Hub cache: module {kernel.__name__}, "
+        kernel = kernels.get_kernel(DEFAULT_REPO_ID, version=version)
+        print(f"loaded {DEFAULT_REPO_ID} v{version} offline from the local Hub cache: module {kernel.__name__}, "
               f"revision {revision[:12]}")
 
         dtype = getattr(torch, args.dtype)
         eager = make_model(seed=0, experts_implementation="eager").to(args.device, dtype)
         fused = make_model(seed=0).to(args.device, dtype)
-        report = patch_qwen3_moe(fused, version=DEFAULT_VERSION)
+        report = patch_qwen3_moe(fused, version=version)
         print(report)
 
         gen = torch.Generator().manual_seed(1)
@@ -102,6 +119,9 @@ def main(argv=None) -> int:
     build.add_argument("--out", help="output folder; default <project>/build")
     build.add_argument("--backend", action="append", help="backend to build (repeatable); default: all in build.toml")
     build.add_argument("--hub-cache", help="also install the build into this Hugging Face Hub cache folder")
+    lock = sub.add_parser("lock", help="write the plugin's kernels.lock for the current kernel source")
+    lock.add_argument("--project", default=".", help="kernel project root (holds build.toml); default .")
+    lock.add_argument("--out", default=str(LOCKFILE), help=f"lock file to write; default {LOCKFILE}")
     check = sub.add_parser("check", help="build, load through get_kernel offline, patch a tiny model, train vs HF eager")
     check.add_argument("--project", default=".", help="kernel project root (holds build.toml); default .")
     check.add_argument("--steps", type=int, default=5)
@@ -111,7 +131,7 @@ def main(argv=None) -> int:
     check.add_argument("--device", default="cpu")
     check.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
-    return _build(args) if args.command == "build" else _check(args)
+    return {"build": _build, "lock": _lock, "check": _check}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import shutil
 import tomllib
 from pathlib import Path
 
-__all__ = ["build_kernel", "install_in_hub_cache", "kernel_config", "source_tree_id"]
+__all__ = ["build_kernel", "build_revision", "install_in_hub_cache", "kernel_config", "source_tree_id"]
 
 _OPS_TEMPLATE = '''import torch
 
@@ -178,17 +178,27 @@ def build_kernel(project_dir, out_dir=None, backends=None, unique_id=None) -> di
     return variants
 
 
-def install_in_hub_cache(build_dir, cache_dir, repo_id: str, version: int, revision: str | None = None) -> str:
-    """Lay ``build_dir`` (holding ``torch-<backend>/``) out as a snapshot of kernel repo ``repo_id`` in the
-    Hugging Face Hub cache ``cache_dir``, with ``refs/main`` and ``refs/v<version>`` pointing at it, as a
-    download of branch ``v<version>`` would. Returns the snapshot's 40-hex revision (derived from the
-    content unless given)."""
-    build_dir, cache_dir = Path(build_dir), Path(cache_dir)
+def _variants(build_dir: Path) -> list[Path]:
     variants = sorted(p for p in build_dir.iterdir() if p.is_dir() and p.name.startswith("torch-"))
     if not variants:
         raise FileNotFoundError(f"{build_dir} holds no torch-<backend> variant; build the kernel first")
-    if revision is None:
-        revision = _git_tree_sha(build_dir, lambda rel: rel.parts[0].startswith("torch-") and rel.suffix != ".pyc")
+    return variants
+
+
+def build_revision(build_dir) -> str:
+    """40-hex revision standing for the build's content (git tree id of its torch-<backend>/ folders)."""
+    _variants(Path(build_dir))
+    return _git_tree_sha(Path(build_dir), lambda rel: rel.parts[0].startswith("torch-") and rel.suffix != ".pyc")
+
+
+def install_in_hub_cache(build_dir, cache_dir, repo_id: str, version: int, revision: str | None = None) -> str:
+    """Lay ``build_dir`` (holding ``torch-<backend>/``) out as a snapshot of kernel repo ``repo_id`` in the
+    Hugging Face Hub cache ``cache_dir``, with ``refs/main`` and ``refs/v<version>`` pointing at it, as a
+    download of branch ``v<version>`` would. Returns the snapshot's 40-hex revision (``build_revision`` unless
+    given)."""
+    build_dir, cache_dir = Path(build_dir), Path(cache_dir)
+    variants = _variants(build_dir)
+    revision = revision or build_revision(build_dir)
     repo_dir = cache_dir / ("kernels--" + repo_id.replace("/", "--"))
     snapshot = repo_dir / "snapshots" / revision / "build"
     for variant in variants:
