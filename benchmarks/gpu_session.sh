@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels (.whl: kernels, liger-kernel, pytest), build the kernel, run the
-# whole test suite (GPU tests included), then the benchmark; logs and JSON go to $OUT, a short table comes last.
-# Usage (on the GPU machine, repository root): bash benchmarks/gpu_session.sh [benchmark args...]
+# tests (GPU tests included), then the benchmark and/or the accuracy table; logs and JSON go to $OUT, short
+# tables come last.
+# Usage (GPU machine, repository root): [PYTEST_TARGETS=tests] [BENCH=1] [ACCURACY=0] bash benchmarks/gpu_session.sh [bench args...]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -12,4 +13,10 @@ python3 -m qwen3_moe_patch.cli build --out build || exit 1
 python3 -m pytest ${PYTEST_TARGETS:-tests} -q -p no:cacheprovider -rs > "$OUT/pytest.log" 2>&1; echo "pytest exit $?"
 grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3
 grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
-python3 benchmarks/bench_experts.py --build build --out "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^{'
+cd benchmarks
+if [ "${ACCURACY:-0}" = 1 ]; then
+  python3 accuracy.py --build ../build --out "$OUT/accuracy.json" 2>&1 | tee "$OUT/accuracy.log" | grep -v '^{'
+fi
+if [ "${BENCH:-1}" = 1 ]; then
+  python3 bench_experts.py --build ../build --out "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^{'
+fi
