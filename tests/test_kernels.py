@@ -231,3 +231,13 @@ def test_gpu_bit_identical_and_saved_bytes_per_token(kernel):
     per_token = sum(t.numel() * t.element_size() for t in saved if t.data_ptr() not in params) / T
     # x (2·H) + z (2·K·2I) + weights (2·K) + int32 indices (≈ 4·2K) bytes per token: 28.7 KiB at these shapes
     assert per_token <= 2 * 2048 + 2 * 8 * 2 * 768 + 2 * 8 + 4 * 2 * 8 + 64
+
+
+def test_no_tokens(kernel):
+    """T = 0 (e.g. an empty micro-batch): an empty output, and backward runs; no input gets a non-zero gradient."""
+    leaves, index, _ = _problem("uniform", torch.float32, 19)
+    x, weights, w1, w2 = leaves
+    out = kernel.moe_experts(x[:0], index[:0], weights[:0], w1, w2)
+    assert out.shape == (0, H) and out.dtype == x.dtype
+    out.sum().backward()
+    assert all(t.grad is None or not t.grad.any() for t in leaves)
