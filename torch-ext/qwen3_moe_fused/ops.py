@@ -21,14 +21,16 @@ _PRECISION = "ieee"  # exact float32/float64 products (no tf32); bf16/fp16 dots 
 
 
 def _triton():
+    """(triton, triton.language, the kernels package with its modules loaded), imported on first use."""
     try:
         import triton
         import triton.language as tl
 
-        from .kernels import combine, down_dgrad_dswiglu, expert_wgrad, gate_up_swiglu, grouped_gemm
+        from . import kernels
+        from .kernels import combine, down_dgrad_dswiglu, expert_wgrad, gate_up_swiglu, grouped_gemm  # noqa: F401
     except ImportError as err:
         raise ImportError(f"qwen3-moe-fused's kernels need Triton ({err}); install triton, or use CPU tensors") from err
-    return triton, tl, (combine, down_dgrad_dswiglu, expert_wgrad, gate_up_swiglu, grouped_gemm)
+    return triton, tl, kernels
 
 
 def block_m_for(num_rows: int, num_experts: int) -> int:
@@ -66,13 +68,13 @@ def _acc(tl, dtype):
 
 
 def _combine(rows, weights, pair_row, out):
-    triton, tl, (combine, *_) = _triton()
+    triton, tl, kernels = _triton()
     T, N = out.shape
     K = pair_row.numel() // max(T, 1)
     block_t, block_n = (16, 32) if _INTERPRET else (4, 512)
     grid = (triton.cdiv(T, block_t), triton.cdiv(N, block_n))
     w = weights if weights is not None else out
-    combine.combine_kernel[grid](
+    kernels.combine.combine_kernel[grid](
         rows, w, pair_row, out, T, N, K,
         w.stride(0), w.stride(1), out.stride(0), out.stride(1),
         WEIGHTED=weights is not None, BLOCK_T=block_t, BLOCK_N=block_n, ACC=_acc(tl, out.dtype),
@@ -81,11 +83,11 @@ def _combine(rows, weights, pair_row, out):
 
 
 def _grouped_gemm(a, b, stride_bk, stride_bn, n, tile_expert, tile_row, offsets, block_m):
-    triton, tl, (_, _, _, _, grouped_gemm) = _triton()
+    triton, tl, kernels = _triton()
     c = a.new_empty(a.shape[0], n)
     blocks, launch = _cfg("grouped_gemm", a.dtype)
     grid = (tile_expert.numel(), triton.cdiv(n, blocks["BLOCK_N"]))
-    grouped_gemm.grouped_gemm_kernel[grid](
+    kernels.grouped_gemm.grouped_gemm_kernel[grid](
         a, b, c, tile_expert, tile_row, offsets, n, a.shape[1], b.stride(0), stride_bk, stride_bn,
         BLOCK_M=block_m, **blocks, ACC=_acc(tl, a.dtype), PRECISION=_PRECISION, **launch,
     )
@@ -93,11 +95,11 @@ def _grouped_gemm(a, b, stride_bk, stride_bn, n, tile_expert, tile_row, offsets,
 
 
 def _expert_wgrad(a, b, row_pair, offsets, out, stride_om, stride_on, K):
-    triton, tl, (_, _, expert_wgrad, _, _) = _triton()
+    triton, tl, kernels = _triton()
     M, N = a.shape[1], b.shape[1]
     blocks, launch = _cfg("wgrad", a.dtype)
     grid = (out.shape[0], triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(N, blocks["BLOCK_N"]))
-    expert_wgrad.expert_wgrad_kernel[grid](
+    kernels.expert_wgrad.expert_wgrad_kernel[grid](
         a, b, out, row_pair, offsets, M, N, K, b.stride(0), b.stride(1), out.stride(0), stride_om, stride_on,
         **blocks, ACC=_acc(tl, a.dtype), PRECISION=_PRECISION, **launch,
     )
@@ -116,7 +118,7 @@ def _experts_forward(
     tile_row: torch.Tensor,
     block_m: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    triton, tl, (_, _, _, gate_up_swiglu, _) = _triton()
+    triton, tl, kernels = _triton()
     T, H = hidden.shape
     E, two_i, _ = gate_up_proj.shape
     I = two_i // 2
@@ -125,7 +127,7 @@ def _experts_forward(
     h = hidden.new_empty(T * K, I)
     blocks, launch = _cfg("gate_up", hidden.dtype)
     grid = (tile_expert.numel(), triton.cdiv(I, blocks["BLOCK_N"]))
-    gate_up_swiglu.gate_up_swiglu_kernel[grid](
+    kernels.gate_up_swiglu.gate_up_swiglu_kernel[grid](
         hidden, gate_up_proj, z, h, row_pair, tile_expert, tile_row, offsets, I, H, K, T * K,
         hidden.stride(0), hidden.stride(1), gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_proj.stride(2),
         BLOCK_M=block_m, **blocks, ACC=_acc(tl, hidden.dtype), PRECISION=_PRECISION, **launch,
@@ -158,7 +160,7 @@ def _experts_backward(
     need_gate_up: bool,
     need_down: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    triton, tl, (_, down_dgrad_dswiglu, _, _, _) = _triton()
+    triton, tl, kernels = _triton()
     T, H = hidden.shape
     E, two_i, _ = gate_up_proj.shape
     I = two_i // 2
@@ -170,7 +172,7 @@ def _experts_backward(
     dz = torch.empty_like(z)
     hs = z.new_empty(T * K, I) if need_down else z.new_empty(0)
     ds_partial = torch.empty(n_blocks, T * K, dtype=torch.float64 if acc == tl.float64 else torch.float32, device=z.device)
-    down_dgrad_dswiglu.down_dgrad_dswiglu_kernel[(tile_expert.numel(), n_blocks)](
+    kernels.down_dgrad_dswiglu.down_dgrad_dswiglu_kernel[(tile_expert.numel(), n_blocks)](
         grad_out, down_proj, z, top_k_weights, dz, hs, ds_partial,
         row_pair, tile_expert, tile_row, offsets, I, H, K, T * K,
         grad_out.stride(0), grad_out.stride(1), down_proj.stride(0), down_proj.stride(1), down_proj.stride(2),
