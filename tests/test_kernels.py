@@ -129,8 +129,8 @@ def test_saves_only_hidden_z_weights_and_indices(kernel):
     inputs = {t.data_ptr() for t in (x, weights, w1, w2)}
     floats = [t for t in saved if t.is_floating_point()]
     assert inputs <= {t.data_ptr() for t in floats}  # saved by reference, not copied
-    activations = [tuple(t.shape) for t in floats if t.data_ptr() not in inputs]
-    assert activations == [(T * K, 2 * I)]  # z only; no T·K×H tensor
+    activations = [tuple(t.shape) for t in floats if t.data_ptr() not in inputs and t.numel()]
+    assert activations == [(T * K, 2 * I)]  # z only (LoRA's xa, ha are empty without LoRA); no T·K×H tensor
     indices = [t for t in saved if not t.is_floating_point()]
     assert all(t.dtype == torch.int32 and t.numel() <= T * K + 64 for t in indices)
 
@@ -161,19 +161,23 @@ def test_device_routing_matches_reference_routing(kernel):
         assert (r.tile_expert == -2).sum().item() == -(-(T * K - n) // 16)
 
 
-def _op_args(kernel, leaves, index, block_m):
+def _op_args(kernel, leaves, index, block_m, lora=(None, None, None, None)):
     routing = kernel.kernels.routing.route(index, leaves[2].shape[0], block_m)
-    return (*leaves, *routing, block_m)
+    return (*leaves, *routing, block_m, *lora, 0.5, 2.0)
 
 
-def test_opcheck(kernel):
+@pytest.mark.parametrize("with_lora", [False, True], ids=["base", "lora"])
+def test_opcheck(kernel, with_lora):
     leaves, index, grad_out = _problem("sentinel_ids", torch.float32, 17)
+    factors = _lora_factors(leaves[2], leaves[3], (4, 3), 17) if with_lora else (None,) * 4
     ops = kernel.ops
-    args = _op_args(kernel, leaves, index, ops.block_m_for(index.numel(), leaves[2].shape[0]))
+    args = _op_args(kernel, leaves, index, ops.block_m_for(index.numel(), leaves[2].shape[0]), factors)
     torch.library.opcheck(ops.experts_forward, args)
-    _, z = ops.experts_forward(*args)
-    x, weights, w1, w2 = (t.detach() for t in leaves)
-    bwd_args = (grad_out.float(), x, weights, w1, w2, z.detach(), *args[4:], True, True, True, True)
+    _, z, xa, ha = ops.experts_forward(*args)
+    plain = [t.detach() if isinstance(t, torch.Tensor) else t for t in args]
+    bwd_args = (grad_out.float(), *plain[:4], z.detach(), xa.detach(), ha.detach(), *plain[4:], [True] * 8)
+    if not with_lora:
+        bwd_args = bwd_args[:-1] + ([True] * 4 + [False] * 4,)
     torch.library.opcheck(ops.experts_backward, bwd_args)
 
 
@@ -241,3 +245,80 @@ def test_no_tokens(kernel):
     assert out.shape == (0, H) and out.dtype == x.dtype
     out.sum().backward()
     assert all(t.grad is None or not t.grad.any() for t in leaves)
+
+
+# --- LoRA on the experts (split: x·Aᵀ then ·Bᵀ; W + s·B·A is never formed) ---------------------------------------
+
+
+def _lora_factors(w1, w2, ranks, seed):
+    """gate_up_a [E, r1, H], gate_up_b [E, 2I, r1], down_a [E, r2, I], down_b [E, H, r2] (B non-zero, so it matters)."""
+    gen = torch.Generator().manual_seed(seed)
+    E, two_i, hidden = w1.shape
+    (r1, r2), inter = ranks, w2.shape[2]
+    shapes = [(E, r1, hidden), (E, two_i, r1), (E, r2, inter), (E, hidden, r2)] if r2 else \
+        [(E, r1, hidden), (E, two_i, r1)]
+    factors = [(torch.randn(shape, generator=gen, dtype=torch.float64) * 0.3).to(w1.device, w1.dtype).requires_grad_()
+               for shape in shapes]
+    return tuple(factors) + (None, None) * (len(factors) == 2)
+
+
+def _run_lora(kernel, leaves, index, grad_out, factors, module):
+    x, weights, w1, w2 = leaves
+    lora = kernel.ExpertsLora(*factors, gate_up_scale=0.5, down_scale=2.0)
+    fn = kernel.moe_experts if module is kernel else kernel.reference.moe_experts
+    out = fn(x, index, weights, w1, w2, lora=lora)
+    inputs = [t for t in (*leaves, *factors) if t is not None and t.requires_grad]
+    return out, torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
+
+
+def _double(tensors):
+    return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("case", ["uniform", "empty_experts", "sentinel_ids", "single_token"])
+def test_lora_forward_and_gradients_match_reference(kernel, case, dtype):
+    leaves, index, grad_out = _problem(case, dtype, zlib.crc32(f"lora{case}{dtype}".encode()))
+    factors = _lora_factors(leaves[2], leaves[3], (4, 3), 20)
+    out, grads = _run_lora(kernel, leaves, index, grad_out, factors, kernel)
+    ref_out, ref_grads = _run_lora(kernel, _double(leaves), index, grad_out, _double(factors), kernel.reference)
+    names = NAMES + ("d gate_up_a", "d gate_up_b", "d down_a", "d down_b")
+    assert len(grads) == 8
+    for name, got, want in zip(names, (out, *grads), (ref_out, *ref_grads)):
+        assert_close_rel(got, want, TOL[dtype], f"{case} {dtype} {name}")
+
+
+@pytest.mark.parametrize("ranks", [(1, 20), (16, 0)], ids=["rank1_rank20", "gate_up_only"])
+def test_lora_on_frozen_experts(kernel, ranks):
+    """The fine-tuning case: base weights frozen (no dW), gradients for x, the routing weights and the factors."""
+    leaves, index, grad_out = _problem("uniform", torch.float32, 21)
+    for w in leaves[2:]:
+        w.requires_grad_(False)
+    factors = _lora_factors(leaves[2], leaves[3], ranks, 21)
+    out, grads = _run_lora(kernel, leaves, index, grad_out, factors, kernel)
+    ref_out, ref_grads = _run_lora(kernel, _double(leaves), index, grad_out, _double(factors), kernel.reference)
+    assert len(grads) == 2 + sum(f is not None for f in factors)
+    for i, (got, want) in enumerate(zip((out, *grads), (ref_out, *ref_grads))):
+        assert_close_rel(got, want, TOL[torch.float32], f"output/gradient {i}")
+
+
+def test_lora_saves_no_weight_sized_tensor(kernel):
+    leaves, index, _ = _problem("uniform", torch.float32, 22)
+    factors = _lora_factors(leaves[2], leaves[3], (4, 3), 22)
+    inputs = {t.data_ptr() for t in (*leaves, *factors)}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kernel.moe_experts(leaves[0], index, leaves[1], leaves[2], leaves[3], lora=kernel.ExpertsLora(*factors))
+    T, K = index.shape
+    activations = sorted(tuple(t.shape) for t in saved if t.is_floating_point() and t.data_ptr() not in inputs)
+    assert activations == sorted([(T * K, 2 * I), (T * K, 4), (T * K, 3)])  # z, xa, ha
+
+
+def test_lora_rejects_mismatched_factors(kernel):
+    leaves, index, _ = _problem("uniform", torch.float32, 23)
+    a1, b1, a2, b2 = _lora_factors(leaves[2], leaves[3], (4, 3), 23)
+    with pytest.raises(ValueError, match=r"lora.gate_up_a must be \[E, r, 72\]"):
+        kernel.moe_experts(leaves[0], index, leaves[1], leaves[2], leaves[3],
+                           lora=kernel.ExpertsLora(a1[:, :, :10], b1, a2, b2))
+    with pytest.raises(ValueError, match="given together"):
+        kernel.moe_experts(leaves[0], index, leaves[1], leaves[2], leaves[3], lora=kernel.ExpertsLora(a1, None))

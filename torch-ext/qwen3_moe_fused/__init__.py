@@ -5,6 +5,6 @@ pure-torch spec with the same signatures).
 """
 
 from . import layers, reference
-from .functional import moe_experts
+from .functional import ExpertsLora, moe_experts
 
-__all__ = ["layers", "moe_experts", "reference"]
+__all__ = ["ExpertsLora", "layers", "moe_experts", "reference"]

@@ -10,11 +10,31 @@ import torch
 
 from . import ops, reference
 from .kernels.routing import route
+from .reference import ExpertsLora
 
 _logger = logging.getLogger(__name__)
 _said_reference = False
 
-__all__ = ["moe_experts"]
+__all__ = ["ExpertsLora", "moe_experts"]
+
+
+def _check_lora(lora, gate_up_proj, down_proj):
+    E, two_i, H = gate_up_proj.shape
+    for name, a, b, w in (("gate_up", lora.gate_up_a, lora.gate_up_b, gate_up_proj),
+                          ("down", lora.down_a, lora.down_b, down_proj)):
+        if (a is None) != (b is None):
+            raise ValueError(f"lora.{name}_a and lora.{name}_b must be given together")
+        if a is None:
+            continue
+        out_dim, in_dim = w.shape[1:]
+        if a.dim() != 3 or b.dim() != 3 or a.shape[0] != E or b.shape[0] != E or a.shape[2] != in_dim \
+                or b.shape[1] != out_dim or a.shape[1] != b.shape[2]:
+            raise ValueError(
+                f"lora.{name}_a must be [E, r, {in_dim}] and lora.{name}_b [E, {out_dim}, r] with E = {E}, got "
+                f"{tuple(a.shape)} and {tuple(b.shape)}"
+            )
+        if a.dtype != w.dtype or b.dtype != w.dtype or a.device != w.device or b.device != w.device:
+            raise TypeError(f"lora.{name} factors must have the weights' dtype {w.dtype} and device {w.device}")
 
 
 def _check_inputs(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, activation):
@@ -55,23 +75,30 @@ def moe_experts(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     *,
+    lora: ExpertsLora | None = None,
     activation: str = "silu",
 ) -> torch.Tensor:
     """Qwen3-MoE experts: out[t] = Σ_k w[t,k] · W2[e]·(silu(W1g[e]·x[t]) ⊙ W1u[e]·x[t]), e = top_k_index[t,k].
 
     hidden [T, H]; top_k_index [T, K] integer (ids outside [0, E) are dropped); top_k_weights [T, K];
-    gate_up_proj [E, 2I, H] (gate rows first); down_proj [E, H, I]. Returns [T, H] in hidden's dtype.
-    Differentiable w.r.t. hidden, top_k_weights and both weights.
+    gate_up_proj [E, 2I, H] (gate rows first); down_proj [E, H, I]. ``lora`` (``ExpertsLora``) makes each
+    weight W + s·B·A without forming it (split LoRA: x·Aᵀ, then ·Bᵀ). Returns [T, H] in hidden's dtype.
+    Differentiable w.r.t. hidden, top_k_weights, both weights and the LoRA factors.
     """
     _check_inputs(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, activation)
+    if lora is not None:
+        _check_lora(lora, gate_up_proj, down_proj)
     if hidden.shape[0] == 0 or not (hidden.is_cuda or ops._INTERPRET):
         _say_reference(hidden)
-        return reference.moe_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj)
+        return reference.moe_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, lora=lora)
     # Like transformers' grouped_mm path, compute in the weights' dtype and return hidden's.
     x = hidden.to(gate_up_proj.dtype)
     block_m = ops.block_m_for(top_k_index.numel(), gate_up_proj.shape[0])
     routing = route(top_k_index, gate_up_proj.shape[0], block_m)
-    out, _ = ops.experts_forward(x, top_k_weights, gate_up_proj, down_proj, *routing, block_m)
+    lora = lora or ExpertsLora()
+    out, *_ = ops.experts_forward(x, top_k_weights, gate_up_proj, down_proj, *routing, block_m, lora.gate_up_a,
+                                  lora.gate_up_b, lora.down_a, lora.down_b, float(lora.gate_up_scale),
+                                  float(lora.down_scale))
     return out.to(hidden.dtype)
 
 

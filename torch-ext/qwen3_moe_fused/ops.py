@@ -1,16 +1,20 @@
 """torch.library custom ops around the Triton kernels, with fake implementations and registered autograd.
 
-    experts_forward(x, w, W1, W2, routing..., block_m) -> (out [T, H], z [TK, 2I])
-        gate_up_swiglu -> grouped_gemm (down) -> combine.   Saved for backward: x, w, z and the routing
-        (W1, W2 are the caller's parameters, saved by reference).
-    experts_backward(dOut, x, w, W1, W2, z, routing..., block_m, needs...) -> (dx, dw, dW1, dW2)
-        down_dgrad_dswiglu -> [grouped_gemm (dz·W1) -> combine (gather-sum)] -> [expert_wgrad ×2].
+    experts_forward(x, w, W1, W2, routing..., block_m, A1, B1, A2, B2, s1, s2) -> (out [T, H], z, xa, ha)
+        [xa = x·A1ᵀ] -> gate_up_swiglu (+ s1·xa·B1ᵀ) -> [ha = h·A2ᵀ] -> grouped_gemm (down, + s2·ha·B2ᵀ) -> combine.
+        Saved for backward: x, w, z, the routing and the LoRA intermediates xa, ha [TK, r] (W1, W2 and the LoRA
+        factors are the caller's tensors, saved by reference). LoRA factors are optional per projection:
+        A1 [E, r1, H], B1 [E, 2I, r1], A2 [E, r2, I], B2 [E, H, r2]; W + s·B·A is never formed.
+    experts_backward(dOut, x, w, W1, W2, z, xa, ha, routing..., LoRA..., needs...) -> (dx, dw, dW1, dW2, dA1, dB1, dA2, dB2)
+        [dob = dOut·B2] -> down_dgrad_dswiglu (+ s2·dob·A2) -> [dzb = dz·B1] -> grouped_gemm (dz·W1 + s1·dzb·A1)
+        -> combine (gather-sum) -> expert_wgrad for each weight or factor asked for.
         Gradients not asked for are skipped and returned as empty tensors (None to autograd).
 
 Triton is imported when a kernel first runs, so the package imports (and its reference path works) without it.
 """
 
 import os
+from typing import Optional
 
 import torch
 
@@ -82,26 +86,51 @@ def _combine(rows, weights, pair_row, out):
     return out
 
 
-def _grouped_gemm(a, b, stride_bk, stride_bn, n, tile_expert, tile_row, offsets, block_m):
+def _lora(la, lb, n_dim, r_dim, scale, dummy):
+    """Kernel arguments of the LoRA epilogue c += scale · la[r] · LB[e] with LB[e][r, n] = lb[e] indexed on
+    dims (r_dim, n_dim); no epilogue when ``la`` is None."""
+    if la is None:
+        return dict(la_ptr=dummy, lb_ptr=dummy, lora_scale=0.0, stride_lbe=0, stride_lbn=0, stride_lbr=0, LORA_R=0,
+                    BLOCK_R=16)
+    rank = la.shape[1]
+    return dict(la_ptr=la, lb_ptr=lb, lora_scale=float(scale), stride_lbe=lb.stride(0), stride_lbn=lb.stride(n_dim),
+                stride_lbr=lb.stride(r_dim), LORA_R=rank, BLOCK_R=max(16, 1 << (rank - 1).bit_length()))
+
+
+def _grouped_gemm(a, b, k_dim, n_dim, routing, block_m, gather_slots=0, lora=None):
+    """c[r] = a[r or its token] · B[e] with B[e][k, n] = b[e] indexed on dims (k_dim, n_dim); ``gather_slots`` = K
+    reads a's rows by token; ``lora`` = (la, lb, n_dim, r_dim, scale) adds a LoRA epilogue."""
     triton, tl, kernels = _triton()
-    c = a.new_empty(a.shape[0], n)
+    row_pair, _, offsets, tile_expert, tile_row = routing
+    n = b.shape[n_dim]
+    c = a.new_empty(row_pair.numel(), n)
     blocks, launch = _cfg("grouped_gemm", a.dtype)
+    if n < blocks["BLOCK_N"]:  # LoRA's thin products
+        blocks["BLOCK_N"] = max(16, 1 << (n - 1).bit_length())
     grid = (tile_expert.numel(), triton.cdiv(n, blocks["BLOCK_N"]))
     kernels.grouped_gemm.grouped_gemm_kernel[grid](
-        a, b, c, tile_expert, tile_row, offsets, n, a.shape[1], b.stride(0), stride_bk, stride_bn,
-        BLOCK_M=block_m, **blocks, ACC=_acc(tl, a.dtype), PRECISION=_PRECISION, **launch,
+        a, b, c, row_pair_ptr=row_pair, tile_expert_ptr=tile_expert, tile_row_ptr=tile_row, offsets_ptr=offsets,
+        N=n, KA=a.shape[1], K_SLOTS=max(gather_slots, 1), NUM_ROWS=row_pair.numel(), stride_at=a.stride(0), stride_ak=a.stride(1),
+        stride_be=b.stride(0), stride_bk=b.stride(k_dim), stride_bn=b.stride(n_dim), GATHER_A=gather_slots > 0,
+        **_lora(*(lora or (None, None, 0, 0, 0.0)), dummy=c), BLOCK_M=block_m, **blocks, ACC=_acc(tl, a.dtype),
+        PRECISION=_PRECISION, **launch,
     )
     return c
 
 
-def _expert_wgrad(a, b, row_pair, offsets, out, stride_om, stride_on, K):
+def _expert_wgrad(a, b, routing, out, m_dim, n_dim, gather_slots=0):
+    """out[e] (indexed on dims (m_dim, n_dim)) = Σ_{rows r of e} a[r]ᵀ ⊗ b[r or its token (gather_slots = K)]."""
     triton, tl, kernels = _triton()
+    row_pair, _, offsets, _, _ = routing
     M, N = a.shape[1], b.shape[1]
     blocks, launch = _cfg("wgrad", a.dtype)
+    if M < blocks["BLOCK_M"]:  # LoRA's rank-sized factors
+        blocks["BLOCK_M"] = max(16, 1 << (M - 1).bit_length())
     grid = (out.shape[0], triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(N, blocks["BLOCK_N"]))
     kernels.expert_wgrad.expert_wgrad_kernel[grid](
-        a, b, out, row_pair, offsets, M, N, K, b.stride(0), b.stride(1), out.stride(0), stride_om, stride_on,
-        **blocks, ACC=_acc(tl, a.dtype), PRECISION=_PRECISION, **launch,
+        a, b, out, row_pair, offsets, M, N, max(gather_slots, 1), b.stride(0), b.stride(1), out.stride(0),
+        out.stride(m_dim), out.stride(n_dim), GATHER_B=gather_slots > 0, **blocks, ACC=_acc(tl, a.dtype),
+        PRECISION=_PRECISION, **launch,
     )
     return out
 
@@ -117,29 +146,47 @@ def _experts_forward(
     tile_expert: torch.Tensor,
     tile_row: torch.Tensor,
     block_m: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    gate_up_a: Optional[torch.Tensor],
+    gate_up_b: Optional[torch.Tensor],
+    down_a: Optional[torch.Tensor],
+    down_b: Optional[torch.Tensor],
+    gate_up_scale: float,
+    down_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     triton, tl, kernels = _triton()
+    routing = (row_pair, pair_row, offsets, tile_expert, tile_row)
     T, H = hidden.shape
     E, two_i, _ = gate_up_proj.shape
     I = two_i // 2
     K = top_k_weights.shape[1]
+    xa = ha = None
+    if gate_up_a is not None:
+        xa = _grouped_gemm(hidden, gate_up_a, 2, 1, routing, block_m, gather_slots=K)
     z = hidden.new_empty(T * K, two_i)
     h = hidden.new_empty(T * K, I)
     blocks, launch = _cfg("gate_up", hidden.dtype)
     grid = (tile_expert.numel(), triton.cdiv(I, blocks["BLOCK_N"]))
     kernels.gate_up_swiglu.gate_up_swiglu_kernel[grid](
-        hidden, gate_up_proj, z, h, row_pair, tile_expert, tile_row, offsets, I, H, K, T * K,
-        hidden.stride(0), hidden.stride(1), gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_proj.stride(2),
-        BLOCK_M=block_m, **blocks, ACC=_acc(tl, hidden.dtype), PRECISION=_PRECISION, **launch,
+        hidden, gate_up_proj, z, h, row_pair_ptr=row_pair, tile_expert_ptr=tile_expert, tile_row_ptr=tile_row,
+        offsets_ptr=offsets, I=I, H=H, K_SLOTS=K, NUM_ROWS=T * K, stride_xt=hidden.stride(0),
+        stride_xh=hidden.stride(1), stride_we=gate_up_proj.stride(0), stride_wn=gate_up_proj.stride(1),
+        stride_wk=gate_up_proj.stride(2), **_lora(xa, gate_up_b, 1, 2, gate_up_scale, dummy=z), BLOCK_M=block_m,
+        **blocks, ACC=_acc(tl, hidden.dtype), PRECISION=_PRECISION, **launch,
     )
-    y = _grouped_gemm(h, down_proj, down_proj.stride(2), down_proj.stride(1), H, tile_expert, tile_row, offsets, block_m)
+    if down_a is not None:
+        ha = _grouped_gemm(h, down_a, 2, 1, routing, block_m)
+    y = _grouped_gemm(h, down_proj, 2, 1, routing, block_m,
+                      lora=(ha, down_b, 1, 2, down_scale) if ha is not None else None)
     out = _combine(y, top_k_weights, pair_row, hidden.new_empty(T, H))
-    return out, z
+    return out, z, xa if xa is not None else z.new_empty(0), ha if ha is not None else z.new_empty(0)
 
 
 def _experts_forward_fake(hidden, top_k_weights, gate_up_proj, down_proj, row_pair, pair_row, offsets, tile_expert,
-                          tile_row, block_m):
-    return hidden.new_empty(hidden.shape), hidden.new_empty(row_pair.shape[0], gate_up_proj.shape[1])
+                          tile_row, block_m, gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale):
+    rows = row_pair.shape[0]
+    return (hidden.new_empty(hidden.shape), hidden.new_empty(rows, gate_up_proj.shape[1]),
+            hidden.new_empty(rows, gate_up_a.shape[1]) if gate_up_a is not None else hidden.new_empty(0),
+            hidden.new_empty(rows, down_a.shape[1]) if down_a is not None else hidden.new_empty(0))
 
 
 def _experts_backward(
@@ -149,77 +196,111 @@ def _experts_backward(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     z: torch.Tensor,
+    xa: torch.Tensor,
+    ha: torch.Tensor,
     row_pair: torch.Tensor,
     pair_row: torch.Tensor,
     offsets: torch.Tensor,
     tile_expert: torch.Tensor,
     tile_row: torch.Tensor,
     block_m: int,
-    need_hidden: bool,
-    need_weights: bool,
-    need_gate_up: bool,
-    need_down: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    gate_up_a: Optional[torch.Tensor],
+    gate_up_b: Optional[torch.Tensor],
+    down_a: Optional[torch.Tensor],
+    down_b: Optional[torch.Tensor],
+    gate_up_scale: float,
+    down_scale: float,
+    needs: list[bool],
+) -> list[torch.Tensor]:
+    """Gradients for (hidden, top_k_weights, gate_up_proj, down_proj, gate_up_a, gate_up_b, down_a, down_b), each
+    only where ``needs`` says so (else an empty tensor)."""
     triton, tl, kernels = _triton()
+    routing = (row_pair, pair_row, offsets, tile_expert, tile_row)
+    need_hidden, need_weights, need_gate_up, need_down, need_gu_a, need_gu_b, need_down_a, need_down_b = needs
     T, H = hidden.shape
     E, two_i, _ = gate_up_proj.shape
     I = two_i // 2
     K = top_k_weights.shape[1]
     acc = _acc(tl, z.dtype)
     grad_out = grad_out.to(z.dtype)
+    grads = [z.new_empty(0) for _ in range(8)]  # distinct empty tensors: op outputs must not alias
+
+    dob = _grouped_gemm(grad_out, down_b, 1, 2, routing, block_m, gather_slots=K) if down_a is not None else None
+    store_hs = need_down or need_down_a
     blocks, launch = _cfg("dgrad", z.dtype)
     n_blocks = triton.cdiv(I, blocks["BLOCK_N"])
     dz = torch.empty_like(z)
-    hs = z.new_empty(T * K, I) if need_down else z.new_empty(0)
+    hs = z.new_empty(T * K, I) if store_hs else z.new_empty(0)
     ds_partial = torch.empty(n_blocks, T * K, dtype=torch.float64 if acc == tl.float64 else torch.float32, device=z.device)
     kernels.down_dgrad_dswiglu.down_dgrad_dswiglu_kernel[(tile_expert.numel(), n_blocks)](
-        grad_out, down_proj, z, top_k_weights, dz, hs, ds_partial,
-        row_pair, tile_expert, tile_row, offsets, I, H, K, T * K,
-        grad_out.stride(0), grad_out.stride(1), down_proj.stride(0), down_proj.stride(1), down_proj.stride(2),
-        top_k_weights.stride(0), top_k_weights.stride(1),
-        STORE_HS=need_down, BLOCK_M=block_m, **blocks, ACC=acc, PRECISION=_PRECISION, **launch,
+        grad_out, down_proj, z, top_k_weights, dz, hs, ds_partial, row_pair_ptr=row_pair, tile_expert_ptr=tile_expert,
+        tile_row_ptr=tile_row, offsets_ptr=offsets, I=I, H=H, K_SLOTS=K, NUM_ROWS=T * K, stride_dt=grad_out.stride(0),
+        stride_dh=grad_out.stride(1), stride_we=down_proj.stride(0), stride_wh=down_proj.stride(1),
+        stride_wi=down_proj.stride(2), stride_st=top_k_weights.stride(0), stride_sk=top_k_weights.stride(1),
+        **_lora(dob, down_a, 2, 1, down_scale, dummy=dz), STORE_HS=store_hs, BLOCK_M=block_m, **blocks, ACC=acc,
+        PRECISION=_PRECISION, **launch,
     )
-    d_weights = z.new_empty(0)  # a distinct empty tensor per skipped gradient: op outputs must not alias
     if need_weights:
         ds = ds_partial.sum(0)
-        d_weights = torch.where(pair_row >= 0, ds[pair_row.clamp(min=0).long()], 0).view(T, K).to(top_k_weights.dtype)
-    d_hidden = z.new_empty(0)
+        grads[1] = torch.where(pair_row >= 0, ds[pair_row.clamp(min=0).long()], 0).view(T, K).to(top_k_weights.dtype)
+    dzb = None
+    if gate_up_a is not None and (need_hidden or need_gu_a):
+        dzb = _grouped_gemm(dz, gate_up_b, 1, 2, routing, block_m)
     if need_hidden:
-        dx_rows = _grouped_gemm(dz, gate_up_proj, gate_up_proj.stride(1), gate_up_proj.stride(2), H,
-                                tile_expert, tile_row, offsets, block_m)
-        d_hidden = _combine(dx_rows, None, pair_row, hidden.new_empty(T, H))
-    d_gate_up = z.new_empty(0)
+        dx_rows = _grouped_gemm(dz, gate_up_proj, 1, 2, routing, block_m,
+                                lora=(dzb, gate_up_a, 2, 1, gate_up_scale) if dzb is not None else None)
+        grads[0] = _combine(dx_rows, None, pair_row, hidden.new_empty(T, H))
     if need_gate_up:
-        d_gate_up = torch.empty_like(gate_up_proj, memory_format=torch.contiguous_format)
-        _expert_wgrad(dz, hidden, row_pair, offsets, d_gate_up, d_gate_up.stride(1), d_gate_up.stride(2), K)
-    d_down = z.new_empty(0)
+        grads[2] = _expert_wgrad(dz, hidden, routing, torch.empty_like(gate_up_proj, memory_format=torch.contiguous_format),
+                                 1, 2, gather_slots=K)
     if need_down:
-        d_down = torch.empty_like(down_proj, memory_format=torch.contiguous_format)
-        _expert_wgrad(hs, grad_out, row_pair, offsets, d_down, d_down.stride(2), d_down.stride(1), K)
-    return d_hidden, d_weights, d_gate_up, d_down
+        grads[3] = _expert_wgrad(hs, grad_out, routing, torch.empty_like(down_proj, memory_format=torch.contiguous_format),
+                                 2, 1, gather_slots=K)
+    exact = torch.promote_types(z.dtype, torch.float32)  # scale the thin [TK, r] tensors in the accumulator's precision
+
+    def scaled(t, scale):
+        return (t.to(exact) * scale).to(z.dtype)
+
+    if need_gu_a:
+        grads[4] = _expert_wgrad(scaled(dzb, gate_up_scale), hidden, routing,
+                                 torch.empty_like(gate_up_a, memory_format=torch.contiguous_format), 1, 2, gather_slots=K)
+    if need_gu_b:
+        grads[5] = _expert_wgrad(dz, scaled(xa, gate_up_scale), routing,
+                                 torch.empty_like(gate_up_b, memory_format=torch.contiguous_format), 1, 2)
+    if need_down_a:
+        grads[6] = _expert_wgrad(scaled(dob, down_scale), hs, routing,
+                                 torch.empty_like(down_a, memory_format=torch.contiguous_format), 1, 2)
+    if need_down_b:
+        row_weight = top_k_weights.reshape(-1)[row_pair.long()].to(exact)  # routing weight of each row
+        grads[7] = _expert_wgrad(scaled(ha, down_scale * row_weight[:, None]), grad_out, routing,
+                                 torch.empty_like(down_b, memory_format=torch.contiguous_format), 2, 1, gather_slots=K)
+    return grads
 
 
-def _experts_backward_fake(grad_out, hidden, top_k_weights, gate_up_proj, down_proj, z, row_pair, pair_row, offsets,
-                           tile_expert, tile_row, block_m, need_hidden, need_weights, need_gate_up, need_down):
-    def maybe(need, like):
-        return torch.empty_like(like, memory_format=torch.contiguous_format) if need else z.new_empty(0)
-
-    return maybe(need_hidden, hidden), maybe(need_weights, top_k_weights), maybe(need_gate_up, gate_up_proj), maybe(
-        need_down, down_proj)
+def _experts_backward_fake(grad_out, hidden, top_k_weights, gate_up_proj, down_proj, z, xa, ha, row_pair, pair_row,
+                           offsets, tile_expert, tile_row, block_m, gate_up_a, gate_up_b, down_a, down_b,
+                           gate_up_scale, down_scale, needs):
+    likes = (hidden, top_k_weights, gate_up_proj, down_proj, gate_up_a, gate_up_b, down_a, down_b)
+    return [torch.empty_like(like, memory_format=torch.contiguous_format) if need else z.new_empty(0)
+            for need, like in zip(needs, likes)]
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, top_k_weights, gate_up_proj, down_proj, *routing, block_m = inputs
-    ctx.save_for_backward(hidden, top_k_weights, gate_up_proj, down_proj, output[1], *routing)
+    hidden, top_k_weights, gate_up_proj, down_proj, *routing, block_m = inputs[:10]
+    ctx.save_for_backward(hidden, top_k_weights, gate_up_proj, down_proj, *output[1:], *routing, *inputs[10:14])
     ctx.block_m = block_m
-    ctx.set_materialize_grads(False)  # z's gradient is always None; no [TK, 2I] zero tensor for it
+    ctx.scales = inputs[14:16]
+    ctx.set_materialize_grads(False)  # only out's gradient is ever set; no zero tensors for z, xa, ha
 
 
-def _backward(ctx, grad_out, _grad_z):
-    hidden, top_k_weights, gate_up_proj, down_proj, z, *routing = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:4]
-    grads = experts_backward(grad_out, hidden, top_k_weights, gate_up_proj, down_proj, z, *routing, ctx.block_m, *needs)
-    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 6
+def _backward(ctx, grad_out, _grad_z, _grad_xa, _grad_ha):
+    hidden, top_k_weights, gate_up_proj, down_proj, z, xa, ha, *rest = ctx.saved_tensors
+    routing, lora = rest[:5], rest[5:]
+    needs = list(ctx.needs_input_grad[:4]) + list(ctx.needs_input_grad[10:14])
+    grads = experts_backward(grad_out, hidden, top_k_weights, gate_up_proj, down_proj, z, xa, ha, *routing,
+                             ctx.block_m, *lora, *ctx.scales, needs)
+    grads = [g if need else None for g, need in zip(grads, needs)]
+    return (*grads[:4], *(None,) * 6, *grads[4:], None, None)
 
 
 def _register():

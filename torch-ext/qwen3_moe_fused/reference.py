@@ -19,7 +19,21 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Routing", "route", "gate_up", "swiglu", "down", "combine", "moe_experts"]
+__all__ = ["ExpertsLora", "Routing", "route", "gate_up", "swiglu", "down", "combine", "moe_experts"]
+
+
+class ExpertsLora(NamedTuple):
+    """LoRA on the stacked experts, per projection (a projection's A and B are both None without LoRA):
+    gate_up_proj[e] + gate_up_scale · gate_up_b[e] · gate_up_a[e] and likewise for down_proj.
+
+    gate_up_a [E, r1, H], gate_up_b [E, 2I, r1], down_a [E, r2, I], down_b [E, H, r2]."""
+
+    gate_up_a: torch.Tensor | None = None
+    gate_up_b: torch.Tensor | None = None
+    down_a: torch.Tensor | None = None
+    down_b: torch.Tensor | None = None
+    gate_up_scale: float = 1.0
+    down_scale: float = 1.0
 
 
 class Routing(NamedTuple):
@@ -101,15 +115,21 @@ def moe_experts(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     *,
+    lora: ExpertsLora | None = None,
     activation: str = "silu",
 ) -> torch.Tensor:
     """Experts output [T, H] for ``hidden [T, H]`` routed by ``top_k_index``/``top_k_weights [T, K]``.
 
     ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` are transformers 5.x's stacked expert
-    weights. The result has ``hidden``'s dtype.
+    weights; ``lora`` adds s·B·A to them (here, as the spec, by forming W + s·B·A). The result has ``hidden``'s
+    dtype.
     """
     if activation != "silu":
         raise ValueError(f"activation {activation!r} is not supported; Qwen3-MoE experts use 'silu' (SwiGLU)")
+    if lora is not None and lora.gate_up_a is not None:
+        gate_up_proj = gate_up_proj + lora.gate_up_scale * torch.bmm(lora.gate_up_b, lora.gate_up_a)
+    if lora is not None and lora.down_a is not None:
+        down_proj = down_proj + lora.down_scale * torch.bmm(lora.down_b, lora.down_a)
     routing = route(top_k_index, gate_up_proj.shape[0])
     z = gate_up(hidden, gate_up_proj, routing)
     y = down(swiglu(z), down_proj, routing)

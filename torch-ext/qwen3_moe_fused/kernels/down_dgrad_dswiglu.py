@@ -2,6 +2,7 @@
 
 For each row r of expert e (pair p = row_pair[r], token t = p // K, routing weight s = w[t, p % K]):
     dA[r] = dOut[t] · W2[e]                          (gathered dOut; [I])
+            + ls · dob[r] · A2[e]                    (down-projection LoRA, LORA_R > 0: dob = dOut[t] · B2[e])
     h[r]  = silu(g) · u  recomputed from z[r] = [g, u]
     dS partial over this program's I-columns:  Σ dA[r] · h[r]   (d out / d s; summed over column blocks later)
     dz[r] = [ s·dA · u · silu'(g),  s·dA · silu(g) ]   (dSwiGLU)
@@ -15,12 +16,12 @@ import triton.language as tl
 
 @triton.jit
 def down_dgrad_dswiglu_kernel(
-    dout_ptr, w_ptr, z_ptr, s_ptr, dz_ptr, hs_ptr, ds_partial_ptr,
+    dout_ptr, w_ptr, z_ptr, s_ptr, dz_ptr, hs_ptr, ds_partial_ptr, la_ptr, lb_ptr,
     row_pair_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
-    I, H, K_SLOTS, NUM_ROWS,
-    stride_dt, stride_dh, stride_we, stride_wh, stride_wi, stride_st, stride_sk,
-    STORE_HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    I, H, K_SLOTS, NUM_ROWS, lora_scale,
+    stride_dt, stride_dh, stride_we, stride_wh, stride_wi, stride_st, stride_sk, stride_lbe, stride_lbn, stride_lbr,
+    STORE_HS: tl.constexpr, LORA_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile)
@@ -44,6 +45,15 @@ def down_dgrad_dswiglu_kernel(
         a = tl.load(dout_rows + k[None, :] * stride_dh, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(w_cols + k[:, None].to(tl.int64) * stride_wh, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+
+    if LORA_R > 0:
+        rs = tl.arange(0, BLOCK_R)
+        r_mask = rs < LORA_R
+        la = tl.load(la_ptr + rows[:, None].to(tl.int64) * LORA_R + rs[None, :],
+                     mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+        lb = tl.load(lb_ptr + expert.to(tl.int64) * stride_lbe + cols[None, :] * stride_lbn + rs[:, None] * stride_lbr,
+                     mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+        acc += lora_scale * tl.dot(la, lb, input_precision=PRECISION, out_dtype=ACC)
 
     mask = row_mask[:, None] & col_mask[None, :]
     z_rows = z_ptr + rows[:, None].to(tl.int64) * (2 * I) + cols[None, :]

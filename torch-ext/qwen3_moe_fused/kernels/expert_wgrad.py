@@ -2,6 +2,7 @@
 
     dW1[e]  = Σ dz[r]ᵀ ⊗ x[t]       (a = dz [TK, 2I], b = x [T, H], out = dW1 [E, 2I, H])
     dW2[e]ᵀ = Σ hs[r]ᵀ ⊗ dOut[t]    (a = hs [TK, I], b = dOut [T, H], out = dW2 with its last strides swapped)
+and LoRA's factor gradients, with b gathered by token (GATHER_B) or read by row (b in expert order).
 One program per (expert, M-block, N-block) output tile, looping over that expert's rows: deterministic,
 no atomics, and experts without rows store exact zeros.
 """
@@ -16,7 +17,7 @@ def expert_wgrad_kernel(
     row_pair_ptr, offsets_ptr,
     M, N, K_SLOTS,
     stride_bt, stride_bn, stride_oe, stride_om, stride_on,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GATHER_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
     expert = tl.program_id(0)
@@ -32,9 +33,12 @@ def expert_wgrad_kernel(
     for r0 in range(row_start, row_end, BLOCK_K):
         rows = r0 + ks
         row_mask = rows < row_end
-        tokens = (tl.load(row_pair_ptr + rows, mask=row_mask, other=0) // K_SLOTS).to(tl.int64)
+        if GATHER_B:
+            b_index = (tl.load(row_pair_ptr + rows, mask=row_mask, other=0) // K_SLOTS).to(tl.int64)
+        else:
+            b_index = rows.to(tl.int64)
         a = tl.load(a_ptr + rows[None, :].to(tl.int64) * M + ms[:, None], mask=m_mask[:, None] & row_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + tokens[:, None] * stride_bt + ns[None, :] * stride_bn, mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + b_index[:, None] * stride_bt + ns[None, :] * stride_bn, mask=row_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
 
     out = out_ptr + expert.to(tl.int64) * stride_oe + ms[:, None].to(tl.int64) * stride_om + ns[None, :] * stride_on

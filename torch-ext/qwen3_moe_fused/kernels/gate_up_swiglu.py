@@ -2,6 +2,7 @@
 
 For each row r of expert e (token t = row_pair[r] // K):
     z[r, :I] = x[t] · W1[e, :I]ᵀ (gate),  z[r, I:] = x[t] · W1[e, I:]ᵀ (up),  h[r] = silu(z[r, :I]) · z[r, I:]
+with LoRA (LORA_R > 0) z[r] += s · xa[r] · B1[e]ᵀ, xa = x · A1[e]ᵀ computed beforehand (grouped_gemm).
 Both accumulators share the gathered x tile; x is read through the gather index, never copied to T·K×H.
 Writes z [TK, 2I] (kept for backward) and h [TK, I] (input of the down projection), in x's dtype; the rows
 of dropped pairs (tiles with expert -2) get zeros in z, so the output is defined everywhere.
@@ -13,12 +14,12 @@ import triton.language as tl
 
 @triton.jit
 def gate_up_swiglu_kernel(
-    x_ptr, w_ptr, z_ptr, h_ptr,
+    x_ptr, w_ptr, z_ptr, h_ptr, la_ptr, lb_ptr,
     row_pair_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
-    I, H, K_SLOTS, NUM_ROWS,
-    stride_xt, stride_xh, stride_we, stride_wn, stride_wk,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    I, H, K_SLOTS, NUM_ROWS, lora_scale,
+    stride_xt, stride_xh, stride_we, stride_wn, stride_wk, stride_lbe, stride_lbn, stride_lbr,
+    LORA_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile)
@@ -52,6 +53,18 @@ def gate_up_swiglu_kernel(
         b_up = tl.load(w_up + k[:, None] * stride_wk, mask=w_mask, other=0.0)
         acc_gate = tl.dot(a, b_gate, acc_gate, input_precision=PRECISION, out_dtype=ACC)
         acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION, out_dtype=ACC)
+
+    if LORA_R > 0:
+        rs = tl.arange(0, BLOCK_R)
+        r_mask = rs < LORA_R
+        la = tl.load(la_ptr + rows[:, None].to(tl.int64) * LORA_R + rs[None, :],
+                     mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+        lb_gate = lb_ptr + expert.to(tl.int64) * stride_lbe + cols[None, :] * stride_lbn + rs[:, None] * stride_lbr
+        lb_mask = r_mask[:, None] & col_mask[None, :]
+        acc_gate += lora_scale * tl.dot(la, tl.load(lb_gate, mask=lb_mask, other=0.0), input_precision=PRECISION,
+                                        out_dtype=ACC)
+        acc_up += lora_scale * tl.dot(la, tl.load(lb_gate + I * stride_lbn, mask=lb_mask, other=0.0),
+                                      input_precision=PRECISION, out_dtype=ACC)
 
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
     out_mask = row_mask[:, None] & col_mask[None, :]
