@@ -5,8 +5,11 @@
 Each implementation gets the same inputs (bf16, x ~ N(0,1), weights ~ N(0,0.02), routing from a random
 router: fp32 softmax -> top-k -> renormalised, as Qwen3-30B-A3B's norm_topk_prob) and computes
 out = experts(x, top_k_index, top_k_weights); fwd+bwd also takes gradients w.r.t. x, top_k_weights and both
-expert weights. Times are triton.testing.do_bench medians. TFLOP/s count 6·T·K·H·I (fwd) and 18·T·K·H·I
-(fwd+bwd). "saved" = bytes per token kept for backward, parameters (and views of them) excluded.
+expert weights (full fine-tuning, TFLOP/s counting 6·T·K·H·I fwd and 18·T·K·H·I fwd+bwd). With --lora-rank r,
+LoRA rows follow: stock PEFT (target_parameters on transformers' experts, grouped_mm) and ours reading the same
+PEFT modules, experts frozen, gradients w.r.t. x, top_k_weights and the LoRA factors (TFLOP/s counting
+12·T·K·H·I, the frozen-experts work). Times are triton.testing.do_bench medians. "saved" = bytes per token kept
+for backward, parameters (and views of them) excluded.
 """
 
 import argparse
@@ -58,6 +61,34 @@ def _implementations(kernel, shape, which):
         except ImportError as err:
             print(f"liger-kernel not available: {err}", file=sys.stderr)
     return impls
+
+
+def _lora_implementations(kernel, shape, rank, w1, w2, gen):
+    """({name: fn(x, index, weights)}, LoRA parameters): stock PEFT and ours on one PEFT-wrapped experts module."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    holder = torch.nn.Module()
+    cfg = Qwen3MoeConfig(hidden_size=shape["H"], moe_intermediate_size=shape["I"], num_experts=shape["E"],
+                         num_experts_per_tok=shape["K"], experts_implementation="grouped_mm")
+    holder.experts = Qwen3MoeExperts(cfg).to("cuda", torch.bfloat16)
+    holder.experts.gate_up_proj = torch.nn.Parameter(w1.detach(), requires_grad=False)
+    holder.experts.down_proj = torch.nn.Parameter(w2.detach(), requires_grad=False)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank,
+                                       target_parameters=["experts.gate_up_proj", "experts.down_proj"]), holder)
+    lora = [p for n, p in holder.named_parameters() if "lora_" in n]
+    with torch.no_grad():  # B starts at zero; give the adapters values
+        for p in lora:
+            p.copy_(torch.randn(p.shape, device="cuda", generator=gen) * 0.02)
+
+    def fused(x, index, weights):
+        experts, factors = kernel.layers.peft_experts_lora(holder.experts)
+        return kernel.moe_experts(x, index, weights, experts.gate_up_proj, experts.down_proj, lora=factors)
+
+    impls = {f"qwen3-moe-fused LoRA r{rank}": fused,
+             f"PEFT LoRA r{rank} (grouped_mm)": lambda x, index, weights: holder.experts(x, index, weights)}
+    return impls, lora
 
 
 def _saved_bytes_per_token(fn, args, params, T):
@@ -145,6 +176,7 @@ def main():
     parser.add_argument("--impls", nargs="+", default=["fused", "grouped_mm", "liger", "eager"])
     parser.add_argument("--eager-tokens", type=int, default=4096, help="the one T at which the eager loop runs")
     parser.add_argument("--profile", action="store_true", help="print a per-kernel breakdown of each timed fwd+bwd")
+    parser.add_argument("--lora-rank", type=int, default=0, help="also time LoRA of this rank on frozen experts")
     args = parser.parse_args()
 
     import kernels
@@ -163,25 +195,29 @@ def main():
         leaves = [t.requires_grad_() for t in (x, weights, torch.nn.Parameter(w1), torch.nn.Parameter(w2))]
         x, weights, w1, w2 = leaves
         dout = torch.randn(T, H, device="cuda", generator=gen).bfloat16()
-        reference = None
-        for name, fn in _implementations(kernel, shape, args.impls).items():
+        runs = [("full", fn, (x, index, weights, w1, w2), leaves, (w1, w2), 18)
+                for fn in _implementations(kernel, shape, args.impls).items()]
+        if args.lora_rank:
+            lora_impls, lora = _lora_implementations(kernel, shape, args.lora_rank, w1, w2, gen)
+            runs += [(f"lora r{args.lora_rank}", fn, (x, index, weights), [x, weights, *lora], (w1, w2, *lora), 12)
+                     for fn in lora_impls.items()]
+        reference = {}
+        for mode, (name, fn), call, grad_inputs, params, flop_factor in runs:
             if name == "transformers eager" and T != args.eager_tokens:
                 continue
-            call = (x, index, weights, w1, w2)
-            row = {"impl": name, "T": T, **{k: shape[k] for k in "HIEK"}}
+            row = {"impl": name, "mode": mode, "T": T, **{k: shape[k] for k in "HIEK"}}
             try:
                 with torch.no_grad():
                     out = fn(*call).float()
-                if reference is None:
-                    reference = out
-                row["rel_err_vs_first"] = ((out - reference).norm() / reference.norm()).item()
-                fwd, fwd_bwd, peak = _bench(fn, call, leaves, dout)
+                first = reference.setdefault(mode, out)
+                row["rel_err_vs_first"] = ((out - first).norm() / first.norm()).item()
+                fwd, fwd_bwd, peak = _bench(fn, call, grad_inputs, dout)
                 flops = T * K * H * I
                 row.update(fwd_ms=fwd, fwd_bwd_ms=fwd_bwd, fwd_tflops=6 * flops / fwd / 1e9,
-                           fwd_bwd_tflops=18 * flops / fwd_bwd / 1e9, peak_extra_mib=peak,
-                           saved_bytes_per_token=_saved_bytes_per_token(fn, call, (w1, w2), T))
+                           fwd_bwd_tflops=flop_factor * flops / fwd_bwd / 1e9, peak_extra_mib=peak,
+                           saved_bytes_per_token=_saved_bytes_per_token(fn, call, params, T))
                 if args.profile:
-                    _profile(fn, call, leaves, dout, f"{name} at T={T}")
+                    _profile(fn, call, grad_inputs, dout, f"{name} at T={T}")
             except Exception as err:  # one implementation failing must not hide the others
                 row["error"] = f"{type(err).__name__}: {err}"[:300]
             rows.append(row)

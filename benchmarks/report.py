@@ -5,8 +5,10 @@ import sys
 
 METHOD = (
     "bf16; routing from a random router (fp32 softmax, top-k, renormalised); the same inputs for every "
-    "implementation; experts only (router excluded); `triton.testing.do_bench` medians; fwd+bwd = gradients of "
-    "x, top_k_weights, gate_up_proj and down_proj. TFLOP/s count 6·T·K·H·I (fwd) and 18·T·K·H·I (fwd+bwd). "
+    "implementation; experts only (router excluded); `triton.testing.do_bench` medians. full: fwd+bwd = gradients "
+    "of x, top_k_weights, gate_up_proj and down_proj, TFLOP/s counting 6·T·K·H·I (fwd) and 18·T·K·H·I (fwd+bwd). "
+    "lora rN: experts frozen, gradients of x, top_k_weights and the LoRA factors, fwd+bwd TFLOP/s counting "
+    "12·T·K·H·I. "
     "peak extra = peak allocated during one fwd+bwd minus allocated before. saved = bytes per token kept for "
     "backward, parameters excluded. rel err = ‖out − out_first‖/‖out_first‖ against the first row of that T."
 )
@@ -19,12 +21,12 @@ def report(data: dict, title: str) -> str:
         f"{env['date']} · {env['device']} · driver {env['driver']} · torch {env['torch']} · triton {env['triton']} · "
         f"transformers {env['transformers']} · dense bf16 8192³ matmul {env['dense_bf16_tflops']} TFLOP/s", "",
         METHOD, "",
-        "| impl | T | H | I | E | K | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak extra MiB | "
+        "| impl | mode | T | H | I | E | K | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak extra MiB | "
         "saved KiB/token | rel err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["results"]:
-        head = f"| {r['impl']} | {r['T']} | {r['H']} | {r['I']} | {r['E']} | {r['K']} |"
+        head = f"| {r['impl']} | {r.get('mode', 'full')} | {r['T']} | {r['H']} | {r['I']} | {r['E']} | {r['K']} |"
         if "error" in r:
             lines.append(f"{head} error: {r['error']} | | | | | | |")
             continue
