@@ -95,7 +95,9 @@ def moe_experts(
     x = hidden.to(gate_up_proj.dtype)
     block_m = ops.block_m_for(top_k_index.numel(), gate_up_proj.shape[0])
     routing = route(top_k_index, gate_up_proj.shape[0], block_m)
-    lora = lora or ExpertsLora()
+    # PEFT hands B over as a permuted view; the kernels read factor tiles, so give them dense rows (a few MB).
+    lora = ExpertsLora(*(None if t is None else t.contiguous() for t in (lora or ExpertsLora())[:4]),
+                       *(lora or ExpertsLora())[4:])
     out, *_ = ops.experts_forward(x, top_k_weights, gate_up_proj, down_proj, *routing, block_m, lora.gate_up_a,
                                   lora.gate_up_b, lora.down_a, lora.down_b, float(lora.gate_up_scale),
                                   float(lora.down_scale))

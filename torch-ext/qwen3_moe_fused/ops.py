@@ -107,6 +107,8 @@ def _grouped_gemm(a, b, k_dim, n_dim, routing, block_m, gather_slots=0, lora=Non
     blocks, launch = _cfg("grouped_gemm", a.dtype)
     if n < blocks["BLOCK_N"]:  # LoRA's thin products
         blocks["BLOCK_N"] = max(16, 1 << (n - 1).bit_length())
+        if launch:
+            launch["num_warps"] = 4
     grid = (tile_expert.numel(), triton.cdiv(n, blocks["BLOCK_N"]))
     kernels.grouped_gemm.grouped_gemm_kernel[grid](
         a, b, c, row_pair_ptr=row_pair, tile_expert_ptr=tile_expert, tile_row_ptr=tile_row, offsets_ptr=offsets,
