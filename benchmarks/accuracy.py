@@ -32,7 +32,7 @@ def main():
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for T in args.tokens:
-        x, index, weights = _routing(T, E, K, H, gen)
+        x, index, weights = _routing("uniform", T, E, K, H, gen)
         w1 = (torch.randn(E, 2 * I, H, device="cuda", generator=gen) * 0.02).bfloat16()
         w2 = (torch.randn(E, H, I, device="cuda", generator=gen) * 0.02).bfloat16()
         dout = torch.randn(T, H, device="cuda", generator=gen)

@@ -1,18 +1,23 @@
-"""Qwen3-MoE experts, forward and forward+backward, all implementations side by side in one GPU run.
+"""Qwen3-MoE experts, forward and forward+backward, every implementation side by side in one GPU run.
 
-    python benchmarks/bench_experts.py --build build --out results.json [--tokens 4096 16384] [--shape 30b-a3b]
+    python benchmarks/bench_experts.py --build build --out results.json \
+        [--shapes 30b-a3b 235b-a22b] [--tokens 1024 4096 16384 32768] [--routings uniform zipf hot30] [--lora-rank 16]
 
-Each implementation gets the same inputs (bf16, x ~ N(0,1), weights ~ N(0,0.02), routing from a random
-router: fp32 softmax -> top-k -> renormalised, as Qwen3-30B-A3B's norm_topk_prob) and computes
+Each implementation gets the same inputs (bf16, x ~ N(0,1), weights ~ N(0,0.02)) and computes
 out = experts(x, top_k_index, top_k_weights); fwd+bwd also takes gradients w.r.t. x, top_k_weights and both
-expert weights (full fine-tuning, TFLOP/s counting 6·T·K·H·I fwd and 18·T·K·H·I fwd+bwd). With --lora-rank r,
-LoRA rows follow: stock PEFT (target_parameters on transformers' experts, grouped_mm) and ours reading the same
-PEFT modules, experts frozen, gradients w.r.t. x, top_k_weights and the LoRA factors (TFLOP/s counting
-12·T·K·H·I, the frozen-experts work). Times are triton.testing.do_bench medians. "saved" = bytes per token kept
-for backward, parameters (and views of them) excluded.
+expert weights (full fine-tuning, TFLOP/s counting 6·T·K·H·I fwd and 18·T·K·H·I fwd+bwd). Routings: uniform =
+a random router (fp32 softmax -> top-k -> renormalised, as Qwen3's norm_topk_prob); zipf = K distinct experts
+per token drawn with P(e) ∝ 1/(e+1); hot30 = 30 % of the tokens send one slot to expert 0, the rest uniform.
+With --lora-rank r, LoRA rows follow: stock PEFT (target_parameters on transformers' experts, grouped_mm) and
+ours reading the same PEFT modules, experts frozen, gradients w.r.t. x, top_k_weights and the LoRA factors
+(TFLOP/s counting 12·T·K·H·I, the frozen-experts work). Times are triton.testing.do_bench medians after one
+untimed fwd+bwd (compilation, autotuning). "saved" = bytes per token kept for backward, parameters (and views of
+them) excluded. The results JSON and a CSV beside it hold the environment (date, device, driver, versions, the
+dense bf16 matmul rate of this run) and one row per (shape, T, routing, implementation).
 """
 
 import argparse
+import csv
 import datetime
 import json
 import platform
@@ -26,11 +31,25 @@ import triton
 SHAPES = {"30b-a3b": dict(H=2048, I=768, E=128, K=8), "235b-a22b": dict(H=4096, I=1536, E=128, K=8)}
 
 
-def _routing(T, E, K, H, gen):
-    router = torch.randn(E, H, device="cuda", generator=gen) * 0.02
+ROUTINGS = ("uniform", "zipf", "hot30")
+
+
+def _routing(kind, T, E, K, H, gen):
+    """(x bf16 [T, H], top_k_index [T, K], top_k_weights bf16 [T, K]) for routing ``kind``."""
     x = torch.randn(T, H, device="cuda", generator=gen)
+    router = torch.randn(E, H, device="cuda", generator=gen) * 0.02
     probs = torch.softmax(x @ router.t(), dim=-1, dtype=torch.float32)
-    weights, index = probs.topk(K, dim=-1)
+    if kind == "zipf":
+        zipf = 1.0 / torch.arange(1, E + 1, device="cuda", dtype=torch.float32)
+        index = torch.multinomial(zipf.expand(T, E).contiguous(), K, replacement=False, generator=gen)
+    elif kind == "hot30":
+        index = probs.topk(K, dim=-1).indices
+        hot = torch.rand(T, device="cuda", generator=gen) < 0.3
+        has_zero = (index == 0).any(-1)
+        index[hot & ~has_zero, K - 1] = 0  # the token's last slot goes to expert 0 (slots stay distinct)
+    else:
+        index = probs.topk(K, dim=-1).indices
+    weights = probs.gather(1, index)
     weights = weights / weights.sum(-1, keepdim=True)
     return x.bfloat16(), index, weights.bfloat16()
 
@@ -106,9 +125,12 @@ def _saved_bytes_per_token(fn, args, params, T):
 
 
 def _bench(fn, args, grad_inputs, dout):
-    fwd = triton.testing.do_bench(lambda: fn(*args), warmup=25, rep=200, return_mode="median")
+    fn(*args).backward(dout)  # compile and autotune outside the timed region
+    for t in grad_inputs:
+        t.grad = None
+    fwd = triton.testing.do_bench(lambda: fn(*args), warmup=25, rep=100, return_mode="median")
     fwd_bwd = triton.testing.do_bench(
-        lambda: fn(*args).backward(dout), warmup=25, rep=200, grad_to_none=grad_inputs, return_mode="median"
+        lambda: fn(*args).backward(dout), warmup=25, rep=100, grad_to_none=grad_inputs, return_mode="median"
     )
     for t in grad_inputs:
         t.grad = None
@@ -167,73 +189,110 @@ def _environment():
     }
 
 
+FIELDS = ("shape", "routing", "impl", "mode", "T", "H", "I", "E", "K", "max_rows_per_expert", "fwd_ms", "fwd_bwd_ms",
+          "fwd_tflops", "fwd_bwd_tflops", "fwd_bwd_vs_dense", "peak_extra_mib", "saved_bytes_per_token",
+          "rel_err_vs_first", "error")
+
+
+def _inputs(shape, routing, T, gen):
+    H, I, E, K = shape["H"], shape["I"], shape["E"], shape["K"]
+    x, index, weights = _routing(routing, T, E, K, H, gen)
+    w1 = (torch.randn(E, 2 * I, H, device="cuda", generator=gen) * 0.02).bfloat16()
+    w2 = (torch.randn(E, H, I, device="cuda", generator=gen) * 0.02).bfloat16()
+    leaves = [t.requires_grad_() for t in (x, weights, torch.nn.Parameter(w1), torch.nn.Parameter(w2))]
+    dout = torch.randn(T, H, device="cuda", generator=gen).bfloat16()
+    return leaves, index, dout
+
+
+def _measure(row, fn, call, grad_inputs, params, flop_factor, dout, reference, dense, profile):
+    T, H, I, K = row["T"], row["H"], row["I"], row["K"]
+    try:
+        with torch.no_grad():
+            out = fn(*call).float()
+        first = reference.setdefault(row["mode"], out)
+        row["rel_err_vs_first"] = ((out - first).norm() / first.norm()).item()
+        fwd, fwd_bwd, peak = _bench(fn, call, grad_inputs, dout)
+        flops = T * K * H * I
+        row.update(fwd_ms=fwd, fwd_bwd_ms=fwd_bwd, fwd_tflops=6 * flops / fwd / 1e9,
+                   fwd_bwd_tflops=flop_factor * flops / fwd_bwd / 1e9, peak_extra_mib=peak,
+                   saved_bytes_per_token=_saved_bytes_per_token(fn, call, params, T))
+        row["fwd_bwd_vs_dense"] = row["fwd_bwd_tflops"] / dense
+        if profile:
+            _profile(fn, call, grad_inputs, dout, f"{row['impl']} {row['shape']} {row['routing']} T={T}")
+    except Exception as err:  # one implementation failing must not hide the others
+        row["error"] = f"{type(err).__name__}: {err}"[:300]
+
+
+def _write(path, env, rows, kernel):
+    env["autotune_choices"] = [{"key": list(k), "config": c} for k, c in kernel.tuning._chosen.items()]
+    out = Path(path)
+    out.write_text(json.dumps({"environment": env, "results": rows}, indent=1))
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows({k: r.get(k, "") for k in FIELDS} for r in rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--build", default="build", help="kernel build folder (qwen3-moe-fused build)")
-    parser.add_argument("--out", default="results.json")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
-    parser.add_argument("--shape", default="30b-a3b", choices=sorted(SHAPES))
+    parser.add_argument("--out", default="results.json", help="results JSON; a CSV with the same rows is written beside")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
+    parser.add_argument("--shapes", nargs="+", default=["30b-a3b", "235b-a22b"], choices=sorted(SHAPES))
+    parser.add_argument("--routings", nargs="+", default=list(ROUTINGS), choices=ROUTINGS)
     parser.add_argument("--impls", nargs="+", default=["fused", "grouped_mm", "liger", "eager"])
-    parser.add_argument("--eager-tokens", type=int, default=4096, help="the one T at which the eager loop runs")
-    parser.add_argument("--profile", action="store_true", help="print a per-kernel breakdown of each timed fwd+bwd")
+    parser.add_argument("--eager-at", default="30b-a3b:4096", help="SHAPE:T, the one size at which the eager loop runs")
+    parser.add_argument("--profile-at", default="", help="SHAPE:T: per-kernel breakdown of our rows there (uniform)")
     parser.add_argument("--lora-rank", type=int, default=0, help="also time LoRA of this rank on frozen experts")
     args = parser.parse_args()
 
     import kernels
 
     kernel = kernels.get_local_kernel(Path(args.build))
-    shape = SHAPES[args.shape]
-    H, I, E, K = shape["H"], shape["I"], shape["E"], shape["K"]
     env = _environment()
     env["dense_bf16_tflops"] = round(_dense_tflops(), 1)
+    env["autotune"] = kernel.tuning.enabled()
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for T in args.tokens:
-        x, index, weights = _routing(T, E, K, H, gen)
-        w1 = (torch.randn(E, 2 * I, H, device="cuda", generator=gen) * 0.02).bfloat16()
-        w2 = (torch.randn(E, H, I, device="cuda", generator=gen) * 0.02).bfloat16()
-        leaves = [t.requires_grad_() for t in (x, weights, torch.nn.Parameter(w1), torch.nn.Parameter(w2))]
-        x, weights, w1, w2 = leaves
-        dout = torch.randn(T, H, device="cuda", generator=gen).bfloat16()
-        runs = [("full", fn, (x, index, weights, w1, w2), leaves, (w1, w2), 18)
-                for fn in _implementations(kernel, shape, args.impls).items()]
-        if args.lora_rank:
-            lora_impls, lora = _lora_implementations(kernel, shape, args.lora_rank, w1, w2, gen)
-            runs += [(f"lora r{args.lora_rank}", fn, (x, index, weights), [x, weights, *lora], (w1, w2, *lora), 12)
-                     for fn in lora_impls.items()]
-        reference = {}
-        for mode, (name, fn), call, grad_inputs, params, flop_factor in runs:
-            if name == "transformers eager" and T != args.eager_tokens:
-                continue
-            row = {"impl": name, "mode": mode, "T": T, **{k: shape[k] for k in "HIEK"}}
-            try:
-                with torch.no_grad():
-                    out = fn(*call).float()
-                first = reference.setdefault(mode, out)
-                row["rel_err_vs_first"] = ((out - first).norm() / first.norm()).item()
-                fwd, fwd_bwd, peak = _bench(fn, call, grad_inputs, dout)
-                flops = T * K * H * I
-                row.update(fwd_ms=fwd, fwd_bwd_ms=fwd_bwd, fwd_tflops=6 * flops / fwd / 1e9,
-                           fwd_bwd_tflops=flop_factor * flops / fwd_bwd / 1e9, peak_extra_mib=peak,
-                           saved_bytes_per_token=_saved_bytes_per_token(fn, call, params, T))
-                if args.profile:
-                    _profile(fn, call, grad_inputs, dout, f"{name} at T={T}")
-            except Exception as err:  # one implementation failing must not hide the others
-                row["error"] = f"{type(err).__name__}: {err}"[:300]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            torch.cuda.empty_cache()
-    Path(args.out).write_text(json.dumps({"environment": env, "results": rows}, indent=1))
+    for shape_name in args.shapes:
+        shape = SHAPES[shape_name]
+        impls = _implementations(kernel, shape, args.impls)
+        for T in args.tokens:
+            for routing in args.routings:
+                leaves, index, dout = _inputs(shape, routing, T, gen)
+                x, weights, w1, w2 = leaves
+                runs = [("full", fn, (x, index, weights, w1, w2), leaves, (w1, w2), 18) for fn in impls.items()]
+                if args.lora_rank:
+                    lora_impls, lora = _lora_implementations(kernel, shape, args.lora_rank, w1, w2, gen)
+                    runs += [(f"lora r{args.lora_rank}", fn, (x, index, weights), [x, weights, *lora],
+                              (w1, w2, *lora), 12) for fn in lora_impls.items()]
+                counts = torch.bincount(index.flatten(), minlength=shape["E"])
+                reference = {}
+                for mode, (name, fn), call, grad_inputs, params, flop_factor in runs:
+                    if name == "transformers eager" and f"{shape_name}:{T}" != args.eager_at:
+                        continue
+                    row = {"shape": shape_name, "routing": routing, "impl": name, "mode": mode, "T": T,
+                           **{k: shape[k] for k in "HIEK"}, "max_rows_per_expert": int(counts.max())}
+                    profile = (name.startswith("qwen3-moe-fused") and routing == "uniform"
+                               and f"{shape_name}:{T}" == args.profile_at)
+                    _measure(row, fn, call, grad_inputs, params, flop_factor, dout, reference,
+                             env["dense_bf16_tflops"], profile)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    _write(args.out, env, rows, kernel)  # after every row: a run cut short keeps what it measured
+                del leaves, x, weights, w1, w2, runs, reference
+                torch.cuda.empty_cache()
     print(f"\n{env['device']}, driver {env['driver']}, torch {env['torch']}, triton {env['triton']}, "
           f"transformers {env['transformers']}; dense bf16 matmul {env['dense_bf16_tflops']} TFLOP/s")
-    print("| impl | T | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | peak extra MiB | saved KiB/token | rel err |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | routing | impl | T | fwd ms | fwd+bwd ms | TFLOP/s | peak MiB | saved KiB/tok |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        head = f"| {r['shape']} | {r['routing']} | {r['impl']} | {r['T']} |"
         if "error" in r:
-            print(f"| {r['impl']} | {r['T']} | error: {r['error'][:80]} |")
+            print(f"{head} error: {r['error'][:80]} |")
         else:
-            print(f"| {r['impl']} | {r['T']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_tflops']:.0f} | "
-                  f"{r['peak_extra_mib']:.0f} | {r['saved_bytes_per_token'] / 1024:.1f} | {r['rel_err_vs_first']:.1e} |")
+            print(f"{head} {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_tflops']:.0f} | "
+                  f"{r['peak_extra_mib']:.0f} | {r['saved_bytes_per_token'] / 1024:.1f} |")
 
 
 if __name__ == "__main__":

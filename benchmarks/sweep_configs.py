@@ -1,10 +1,12 @@
-"""Coordinate sweep of the kernels' launch configurations (ops.GPU_CONFIG and the M-tile height) on the GPU.
+"""Coordinate sweep of the kernels' launch configurations (tuning.CANDIDATES and the M-tile height) on the GPU.
 
     python benchmarks/sweep_configs.py --build build [--tokens 4096 16384]
 
 For each kernel in turn, tries its candidate configurations with the others at their current best and keeps
 the fastest by fwd+bwd median over the given token counts (summed); prints every measurement and the final
-table, to be copied into ops.GPU_CONFIG with a note in benchmarks/NOTES.md. Inputs as in bench_experts.py.
+table, whose winners become the defaults (first entries) of tuning.CANDIDATES with a note in benchmarks/NOTES.md.
+Where the autotuner picks the fastest config per kernel, this sweep ranks them by the end-to-end fwd+bwd time.
+Inputs as in bench_experts.py.
 """
 
 import argparse
@@ -15,6 +17,7 @@ import torch
 import triton
 
 from bench_experts import SHAPES, _routing
+
 
 def _configs(keys, rows):
     return [dict(zip(keys, row)) for row in rows]
@@ -51,7 +54,7 @@ def main():
     gen = torch.Generator(device="cuda").manual_seed(0)
     problems = []
     for T in args.tokens:
-        x, index, weights = _routing(T, E, K, H, gen)
+        x, index, weights = _routing("uniform", T, E, K, H, gen)
         w1 = torch.nn.Parameter((torch.randn(E, 2 * I, H, device="cuda", generator=gen) * 0.02).bfloat16())
         w2 = torch.nn.Parameter((torch.randn(E, H, I, device="cuda", generator=gen) * 0.02).bfloat16())
         leaves = [x.requires_grad_(), weights.requires_grad_(), w1, w2]
@@ -61,11 +64,13 @@ def main():
     def measure():
         total = 0.0
         for (leaves, index, dout), ref in zip(problems, reference):
-            out = kernel.moe_experts(leaves[0], index, leaves[1], leaves[2], leaves[3])
+            with kernel.tuning.forced(**chosen):
+                out = kernel.moe_experts(leaves[0], index, leaves[1], leaves[2], leaves[3])
             assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2  # still correct
-            total += triton.testing.do_bench(
-                lambda: kernel.moe_experts(leaves[0], index, leaves[1], leaves[2], leaves[3]).backward(dout),
-                warmup=25, rep=100, grad_to_none=leaves, return_mode="median")
+            with kernel.tuning.forced(**chosen):
+                total += triton.testing.do_bench(
+                    lambda: kernel.moe_experts(leaves[0], index, leaves[1], leaves[2], leaves[3]).backward(dout),
+                    warmup=25, rep=100, grad_to_none=leaves, return_mode="median")
         return total
 
     log = []
@@ -74,12 +79,12 @@ def main():
     block_m = None  # None: ops.block_m_for's choice
     original_block_m_for = ops.block_m_for
     for kind, candidates in CANDIDATES.items():
-        chosen = block_m if kind == "block_m" else dict(ops.GPU_CONFIG[kind])
+        best_config = block_m if kind == "block_m" else chosen[kind]
         for config in candidates:
             if kind == "block_m":
                 ops.block_m_for = lambda rows, experts, m=config: m
             else:
-                ops.GPU_CONFIG[kind] = config
+                chosen[kind] = config
             try:
                 ms = measure()
             except Exception as err:  # e.g. out of shared memory
@@ -88,17 +93,15 @@ def main():
             log.append({"kernel": kind, "config": config, "ms": ms})
             print(f"{kind} {config}: {ms:.3f} ms", flush=True)
             if ms < best:
-                best, chosen = ms, config
+                best, best_config = ms, config
         if kind == "block_m":
-            block_m = chosen
-            ops.block_m_for = original_block_m_for if chosen is None else (lambda rows, experts, m=chosen: m)
+            block_m = best_config
+            ops.block_m_for = original_block_m_for if block_m is None else (lambda rows, experts, m=block_m: m)
         else:
-            ops.GPU_CONFIG[kind] = dict(chosen)
+            chosen[kind] = best_config
     print(f"block_m: {block_m if block_m is not None else 'block_m_for default'}")
-    print(f"\nbest: {best:.3f} ms\n" + "\n".join(f"  {k}: {v}" for k, v in ops.GPU_CONFIG.items()))
-    Path(args.out).write_text(json.dumps({"log": log, "best_ms": best, "best": ops.GPU_CONFIG, "block_m": block_m},
-                                         indent=1))
-
+    print(f"\nbest: {best:.3f} ms\n" + "\n".join(f"  {k}: {v}" for k, v in chosen.items()))
+    Path(args.out).write_text(json.dumps({"log": log, "best_ms": best, "best": chosen, "block_m": block_m}, indent=1))
 
 if __name__ == "__main__":
     main()

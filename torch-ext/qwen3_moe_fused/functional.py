@@ -15,7 +15,7 @@ from .reference import ExpertsLora
 _logger = logging.getLogger(__name__)
 _said_reference = False
 
-__all__ = ["ExpertsLora", "moe_experts"]
+__all__ = ["ExpertsLora", "moe_experts", "tune"]
 
 
 def _check_lora(lora, gate_up_proj, down_proj):
@@ -102,6 +102,30 @@ def moe_experts(
                                   lora.gate_up_b, lora.down_a, lora.down_b, float(lora.gate_up_scale),
                                   float(lora.down_scale))
     return out.to(hidden.dtype)
+
+
+def tune(hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, tokens, *,
+         dtype: torch.dtype = torch.bfloat16, lora_rank: int = 0, device="cuda") -> None:
+    """Autotune the kernels ahead of training (see ``tuning``) for each number of tokens in ``tokens``: one
+    forward and backward on random inputs with uniform routing, full fine-tuning and, with ``lora_rank``, LoRA on
+    frozen experts. Choices are per rows-per-expert power of two, so one T per bucket is enough."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    w1 = torch.randn(num_experts, 2 * intermediate_size, hidden_size, device=device, generator=gen, dtype=dtype) * 0.02
+    w2 = torch.randn(num_experts, hidden_size, intermediate_size, device=device, generator=gen, dtype=dtype) * 0.02
+    for T in tokens:
+        x = torch.randn(T, hidden_size, device=device, generator=gen, dtype=dtype, requires_grad=True)
+        index = torch.rand(T, num_experts, device=device, generator=gen).topk(top_k, dim=-1).indices
+        weights = torch.full((T, top_k), 1.0 / top_k, device=device, dtype=dtype, requires_grad=True)
+        runs = [(w1.requires_grad_(), w2.requires_grad_(), None)]
+        if lora_rank:
+            factors = ExpertsLora(*((torch.randn(*shape, device=device, generator=gen, dtype=dtype) * 0.02).requires_grad_()
+                                    for shape in ((num_experts, lora_rank, hidden_size),
+                                                  (num_experts, 2 * intermediate_size, lora_rank),
+                                                  (num_experts, lora_rank, intermediate_size),
+                                                  (num_experts, hidden_size, lora_rank))))
+            runs.append((w1.detach(), w2.detach(), factors))
+        for gate_up, down, factors in runs:
+            moe_experts(x, index, weights, gate_up, down, lora=factors).sum().backward()
 
 
 def _say_reference(hidden):

@@ -1,12 +1,12 @@
 """torch.library custom ops around the Triton kernels, with fake implementations and registered autograd.
 
     experts_forward(x, w, W1, W2, routing..., block_m, A1, B1, A2, B2, s1, s2) -> (out [T, H], z, xa, ha)
-        [xa = x·A1ᵀ] -> gate_up_swiglu (+ s1·xa·B1ᵀ) -> [ha = h·A2ᵀ] -> grouped_gemm (down, + s2·ha·B2ᵀ) -> combine.
+        [xa = s1·x·A1ᵀ] -> gate_up_swiglu (+ xa·B1ᵀ) -> [ha = s2·h·A2ᵀ] -> grouped_gemm (down, + ha·B2ᵀ) -> combine.
         Saved for backward: x, w, z, the routing and the LoRA intermediates xa, ha [TK, r] (W1, W2 and the LoRA
         factors are the caller's tensors, saved by reference). LoRA factors are optional per projection:
         A1 [E, r1, H], B1 [E, 2I, r1], A2 [E, r2, I], B2 [E, H, r2]; W + s·B·A is never formed.
     experts_backward(dOut, x, w, W1, W2, z, xa, ha, routing..., LoRA..., needs...) -> (dx, dw, dW1, dW2, dA1, dB1, dA2, dB2)
-        [dob = dOut·B2] -> down_dgrad_dswiglu (+ s2·dob·A2) -> [dzb = dz·B1] -> grouped_gemm (dz·W1 + s1·dzb·A1)
+        [dob = s2·dOut·B2] -> down_dgrad_dswiglu (+ dob·A2) -> [dzb = s1·dz·B1] -> grouped_gemm (dz·W1 + dzb·A1)
         -> combine (gather-sum) -> expert_wgrad for each weight or factor asked for.
         Gradients not asked for are skipped and returned as empty tensors (None to autograd).
 
@@ -18,7 +18,9 @@ from typing import Optional
 
 import torch
 
+from . import tuning
 from ._ops import add_op_namespace_prefix
+from .tuning import block_m_for  # noqa: F401  (the functional API's M-tile height)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _PRECISION = "ieee"  # exact float32/float64 products (no tf32); bf16/fp16 dots are unaffected
@@ -35,36 +37,6 @@ def _triton():
     except ImportError as err:
         raise ImportError(f"qwen3-moe-fused's kernels need Triton ({err}); install triton, or use CPU tensors") from err
     return triton, tl, kernels
-
-
-def block_m_for(num_rows: int, num_experts: int) -> int:
-    """M-tile height shared by the routing tables and every M-tiled kernel of one call."""
-    if _INTERPRET:
-        return 16
-    return 128 if num_rows >= 256 * num_experts else 64
-
-
-# Launch configuration per kernel on the GPU, for 2-byte dtypes: BLOCK_K shrinks for wider ones so the
-# shared-memory stages keep their size. The M-tile height of the tile-table kernels is block_m_for's. The
-# interpreter uses 32-wide blocks.
-GPU_CONFIG = {  # from benchmarks/sweep_configs.py on an H100 (benchmarks/NOTES.md)
-    "gate_up": dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
-    "grouped_gemm": dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
-    "dgrad": dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
-    "wgrad": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
-}
-_INTERPRETER_CONFIG = dict(BLOCK_N=32, BLOCK_K=32)
-
-
-def _cfg(kind, dtype):
-    """(block sizes, launch options) for kernel ``kind`` on ``dtype`` operands."""
-    if _INTERPRET:
-        blocks = dict(_INTERPRETER_CONFIG, **({"BLOCK_M": 32} if kind == "wgrad" else {}))
-        return blocks, {}
-    config = dict(GPU_CONFIG[kind])
-    launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
-    config["BLOCK_K"] = max(16, config["BLOCK_K"] * 2 // dtype.itemsize)
-    return config, launch
 
 
 def _acc(tl, dtype):
@@ -86,37 +58,40 @@ def _combine(rows, weights, pair_row, out):
     return out
 
 
-def _lora(la, lb, n_dim, r_dim, scale, dummy):
-    """Kernel arguments of the LoRA epilogue c += scale · la[r] · LB[e] with LB[e][r, n] = lb[e] indexed on
-    dims (r_dim, n_dim); no epilogue when ``la`` is None."""
+def _lora(la, lb, n_dim, r_dim, dummy):
+    """Kernel arguments of the LoRA epilogue c += la[r] · LB[e] with LB[e][r, n] = lb[e] indexed on dims
+    (r_dim, n_dim) and ``la`` already scaled; no epilogue when ``la`` is None."""
     if la is None:
-        return dict(la_ptr=dummy, lb_ptr=dummy, lora_scale=0.0, stride_lbe=0, stride_lbn=0, stride_lbr=0, LORA_R=0,
-                    BLOCK_R=16)
+        return dict(la_ptr=dummy, lb_ptr=dummy, stride_lbe=0, stride_lbn=0, stride_lbr=0, LORA_R=0, BLOCK_R=16)
     rank = la.shape[1]
-    return dict(la_ptr=la, lb_ptr=lb, lora_scale=float(scale), stride_lbe=lb.stride(0), stride_lbn=lb.stride(n_dim),
-                stride_lbr=lb.stride(r_dim), LORA_R=rank, BLOCK_R=max(16, 1 << (rank - 1).bit_length()))
+    return dict(la_ptr=la, lb_ptr=lb, stride_lbe=lb.stride(0), stride_lbn=lb.stride(n_dim), stride_lbr=lb.stride(r_dim),
+                LORA_R=rank, BLOCK_R=max(16, 1 << (rank - 1).bit_length()))
 
 
-def _grouped_gemm(a, b, k_dim, n_dim, routing, block_m, gather_slots=0, lora=None):
-    """c[r] = a[r or its token] · B[e] with B[e][k, n] = b[e] indexed on dims (k_dim, n_dim); ``gather_slots`` = K
-    reads a's rows by token; ``lora`` = (la, lb, n_dim, r_dim, scale) adds a LoRA epilogue."""
+def _grouped_gemm(a, b, k_dim, n_dim, routing, block_m, gather_slots=0, lora=None, scale=None):
+    """c[r] = scale · a[r or its token] · B[e] with B[e][k, n] = b[e] indexed on dims (k_dim, n_dim); ``gather_slots``
+    = K reads a's rows by token; ``lora`` = (la, lb, n_dim, r_dim) adds a LoRA epilogue; ``scale`` (LoRA's thin
+    products) multiplies the fp32 accumulator before the one rounding to a's dtype."""
     triton, tl, kernels = _triton()
     row_pair, _, offsets, tile_expert, tile_row = routing
     n = b.shape[n_dim]
     c = a.new_empty(row_pair.numel(), n)
-    blocks, launch = _cfg("grouped_gemm", a.dtype)
-    if n < blocks["BLOCK_N"]:  # LoRA's thin products
-        blocks["BLOCK_N"] = max(16, 1 << (n - 1).bit_length())
-        if launch:
-            launch["num_warps"] = 4
-    grid = (tile_expert.numel(), triton.cdiv(n, blocks["BLOCK_N"]))
-    kernels.grouped_gemm.grouped_gemm_kernel[grid](
-        a, b, c, row_pair_ptr=row_pair, tile_expert_ptr=tile_expert, tile_row_ptr=tile_row, offsets_ptr=offsets,
-        N=n, KA=a.shape[1], K_SLOTS=max(gather_slots, 1), NUM_ROWS=row_pair.numel(), stride_at=a.stride(0), stride_ak=a.stride(1),
-        stride_be=b.stride(0), stride_bk=b.stride(k_dim), stride_bn=b.stride(n_dim), GATHER_A=gather_slots > 0,
-        **_lora(*(lora or (None, None, 0, 0, 0.0)), dummy=c), BLOCK_M=block_m, **blocks, ACC=_acc(tl, a.dtype),
-        PRECISION=_PRECISION, **launch,
-    )
+    lora_args = _lora(*(lora or (None, None, 0, 0)), dummy=c)
+    thin = n <= 64  # LoRA's rank-wide products
+
+    def launch(blocks, options):
+        grid = (tile_expert.numel() * triton.cdiv(n, blocks["BLOCK_N"]),)
+        kernels.grouped_gemm.grouped_gemm_kernel[grid](
+            a, b, c, row_pair_ptr=row_pair, tile_expert_ptr=tile_expert, tile_row_ptr=tile_row, offsets_ptr=offsets,
+            N=n, KA=a.shape[1], K_SLOTS=max(gather_slots, 1), NUM_ROWS=row_pair.numel(), stride_at=a.stride(0),
+            stride_ak=a.stride(1), stride_be=b.stride(0), stride_bk=b.stride(k_dim), stride_bn=b.stride(n_dim),
+            GATHER_A=gather_slots > 0, out_scale=1.0 if scale is None else float(scale), SCALE=scale is not None,
+            **lora_args, BLOCK_M=block_m, **blocks, ACC=_acc(tl, a.dtype),
+            PRECISION=_PRECISION, **options,
+        )
+
+    key = (n, a.shape[1], gather_slots > 0, lora_args["LORA_R"], block_m, tuning.rows_bucket(row_pair.numel(), b.shape[0]))
+    tuning.choose("thin" if thin else "grouped_gemm", key, a.dtype, launch, n, thin_n=n if thin else None)
     return c
 
 
@@ -125,15 +100,19 @@ def _expert_wgrad(a, b, routing, out, m_dim, n_dim, gather_slots=0):
     triton, tl, kernels = _triton()
     row_pair, _, offsets, _, _ = routing
     M, N = a.shape[1], b.shape[1]
-    blocks, launch = _cfg("wgrad", a.dtype)
-    if M < blocks["BLOCK_M"]:  # LoRA's rank-sized factors
-        blocks["BLOCK_M"] = max(16, 1 << (M - 1).bit_length())
-    grid = (out.shape[0], triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(N, blocks["BLOCK_N"]))
-    kernels.expert_wgrad.expert_wgrad_kernel[grid](
-        a, b, out, row_pair, offsets, M, N, max(gather_slots, 1), b.stride(0), b.stride(1), out.stride(0),
-        out.stride(m_dim), out.stride(n_dim), GATHER_B=gather_slots > 0, **blocks, ACC=_acc(tl, a.dtype),
-        PRECISION=_PRECISION, **launch,
-    )
+
+    def launch(blocks, options):
+        if M < blocks["BLOCK_M"]:  # LoRA's rank-sized factors
+            blocks = dict(blocks, BLOCK_M=max(16, 1 << (M - 1).bit_length()))
+        grid = (out.shape[0] * triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(N, blocks["BLOCK_N"]),)
+        kernels.expert_wgrad.expert_wgrad_kernel[grid](
+            a, b, out, row_pair, offsets, M, N, max(gather_slots, 1), b.stride(0), b.stride(1), out.stride(0),
+            out.stride(m_dim), out.stride(n_dim), GATHER_B=gather_slots > 0, **blocks, ACC=_acc(tl, a.dtype),
+            PRECISION=_PRECISION, **options,
+        )
+
+    key = (M, N, gather_slots > 0, tuning.rows_bucket(row_pair.numel(), out.shape[0]))
+    tuning.choose("wgrad", key, a.dtype, launch, N)
     return out
 
 
@@ -163,22 +142,25 @@ def _experts_forward(
     K = top_k_weights.shape[1]
     xa = ha = None
     if gate_up_a is not None:
-        xa = _grouped_gemm(hidden, gate_up_a, 2, 1, routing, block_m, gather_slots=K)
+        xa = _grouped_gemm(hidden, gate_up_a, 2, 1, routing, block_m, gather_slots=K, scale=gate_up_scale)
     z = hidden.new_empty(T * K, two_i)
     h = hidden.new_empty(T * K, I)
-    blocks, launch = _cfg("gate_up", hidden.dtype)
-    grid = (tile_expert.numel(), triton.cdiv(I, blocks["BLOCK_N"]))
-    kernels.gate_up_swiglu.gate_up_swiglu_kernel[grid](
-        hidden, gate_up_proj, z, h, row_pair_ptr=row_pair, tile_expert_ptr=tile_expert, tile_row_ptr=tile_row,
-        offsets_ptr=offsets, I=I, H=H, K_SLOTS=K, NUM_ROWS=T * K, stride_xt=hidden.stride(0),
-        stride_xh=hidden.stride(1), stride_we=gate_up_proj.stride(0), stride_wn=gate_up_proj.stride(1),
-        stride_wk=gate_up_proj.stride(2), **_lora(xa, gate_up_b, 1, 2, gate_up_scale, dummy=z), BLOCK_M=block_m,
-        **blocks, ACC=_acc(tl, hidden.dtype), PRECISION=_PRECISION, **launch,
-    )
+    lora_args = _lora(xa, gate_up_b, 1, 2, dummy=z)
+
+    def launch(blocks, options):
+        kernels.gate_up_swiglu.gate_up_swiglu_kernel[(tile_expert.numel() * triton.cdiv(I, blocks["BLOCK_N"]),)](
+            hidden, gate_up_proj, z, h, row_pair_ptr=row_pair, tile_expert_ptr=tile_expert, tile_row_ptr=tile_row,
+            offsets_ptr=offsets, I=I, H=H, K_SLOTS=K, NUM_ROWS=T * K, stride_xt=hidden.stride(0),
+            stride_xh=hidden.stride(1), stride_we=gate_up_proj.stride(0), stride_wn=gate_up_proj.stride(1),
+            stride_wk=gate_up_proj.stride(2), **lora_args, BLOCK_M=block_m, **blocks, ACC=_acc(tl, hidden.dtype),
+            PRECISION=_PRECISION, **options,
+        )
+
+    key = (I, H, lora_args["LORA_R"], block_m, tuning.rows_bucket(T * K, E))
+    tuning.choose("gate_up", key, hidden.dtype, launch, I)
     if down_a is not None:
-        ha = _grouped_gemm(h, down_a, 2, 1, routing, block_m)
-    y = _grouped_gemm(h, down_proj, 2, 1, routing, block_m,
-                      lora=(ha, down_b, 1, 2, down_scale) if ha is not None else None)
+        ha = _grouped_gemm(h, down_a, 2, 1, routing, block_m, scale=down_scale)
+    y = _grouped_gemm(h, down_proj, 2, 1, routing, block_m, lora=(ha, down_b, 1, 2) if ha is not None else None)
     out = _combine(y, top_k_weights, pair_row, hidden.new_empty(T, H))
     return out, z, xa if xa is not None else z.new_empty(0), ha if ha is not None else z.new_empty(0)
 
@@ -227,30 +209,39 @@ def _experts_backward(
     grad_out = grad_out.to(z.dtype)
     grads = [z.new_empty(0) for _ in range(8)]  # distinct empty tensors: op outputs must not alias
 
-    dob = _grouped_gemm(grad_out, down_b, 1, 2, routing, block_m, gather_slots=K) if down_a is not None else None
+    dob = None
+    if down_a is not None:
+        dob = _grouped_gemm(grad_out, down_b, 1, 2, routing, block_m, gather_slots=K, scale=down_scale)
     store_hs = need_down or need_down_a
-    blocks, launch = _cfg("dgrad", z.dtype)
-    n_blocks = triton.cdiv(I, blocks["BLOCK_N"])
     dz = torch.empty_like(z)
     hs = z.new_empty(T * K, I) if store_hs else z.new_empty(0)
-    ds_partial = torch.empty(n_blocks, T * K, dtype=torch.float64 if acc == tl.float64 else torch.float32, device=z.device)
-    kernels.down_dgrad_dswiglu.down_dgrad_dswiglu_kernel[(tile_expert.numel(), n_blocks)](
-        grad_out, down_proj, z, top_k_weights, dz, hs, ds_partial, row_pair_ptr=row_pair, tile_expert_ptr=tile_expert,
-        tile_row_ptr=tile_row, offsets_ptr=offsets, I=I, H=H, K_SLOTS=K, NUM_ROWS=T * K, stride_dt=grad_out.stride(0),
-        stride_dh=grad_out.stride(1), stride_we=down_proj.stride(0), stride_wh=down_proj.stride(1),
-        stride_wi=down_proj.stride(2), stride_st=top_k_weights.stride(0), stride_sk=top_k_weights.stride(1),
-        **_lora(dob, down_a, 2, 1, down_scale, dummy=dz), STORE_HS=store_hs, BLOCK_M=block_m, **blocks, ACC=acc,
-        PRECISION=_PRECISION, **launch,
-    )
+    lora_args = _lora(dob, down_a, 2, 1, dummy=dz)
+    partial_dtype = torch.float64 if acc == tl.float64 else torch.float32
+
+    def launch(blocks, options):
+        n_blocks = triton.cdiv(I, blocks["BLOCK_N"])
+        ds_partial = torch.empty(n_blocks, T * K, dtype=partial_dtype, device=z.device)
+        kernels.down_dgrad_dswiglu.down_dgrad_dswiglu_kernel[(tile_expert.numel() * n_blocks,)](
+            grad_out, down_proj, z, top_k_weights, dz, hs, ds_partial, row_pair_ptr=row_pair,
+            tile_expert_ptr=tile_expert, tile_row_ptr=tile_row, offsets_ptr=offsets, I=I, H=H, K_SLOTS=K,
+            NUM_ROWS=T * K, stride_dt=grad_out.stride(0), stride_dh=grad_out.stride(1), stride_we=down_proj.stride(0),
+            stride_wh=down_proj.stride(1), stride_wi=down_proj.stride(2), stride_st=top_k_weights.stride(0),
+            stride_sk=top_k_weights.stride(1), **lora_args, STORE_HS=store_hs, BLOCK_M=block_m, **blocks, ACC=acc,
+            PRECISION=_PRECISION, **options,
+        )
+        return ds_partial
+
+    key = (I, H, lora_args["LORA_R"], store_hs, block_m, tuning.rows_bucket(T * K, E))
+    ds_partial = tuning.choose("dgrad", key, z.dtype, launch, I)
     if need_weights:
         ds = ds_partial.sum(0)
         grads[1] = torch.where(pair_row >= 0, ds[pair_row.clamp(min=0).long()], 0).view(T, K).to(top_k_weights.dtype)
     dzb = None
     if gate_up_a is not None and (need_hidden or need_gu_a):
-        dzb = _grouped_gemm(dz, gate_up_b, 1, 2, routing, block_m)
+        dzb = _grouped_gemm(dz, gate_up_b, 1, 2, routing, block_m, scale=gate_up_scale)
     if need_hidden:
         dx_rows = _grouped_gemm(dz, gate_up_proj, 1, 2, routing, block_m,
-                                lora=(dzb, gate_up_a, 2, 1, gate_up_scale) if dzb is not None else None)
+                                lora=(dzb, gate_up_a, 2, 1) if dzb is not None else None)
         grads[0] = _combine(dx_rows, None, pair_row, hidden.new_empty(T, H))
     if need_gate_up:
         grads[2] = _expert_wgrad(dz, hidden, routing, torch.empty_like(gate_up_proj, memory_format=torch.contiguous_format),
@@ -258,23 +249,19 @@ def _experts_backward(
     if need_down:
         grads[3] = _expert_wgrad(hs, grad_out, routing, torch.empty_like(down_proj, memory_format=torch.contiguous_format),
                                  2, 1, gather_slots=K)
-    exact = torch.promote_types(z.dtype, torch.float32)  # scale the thin [TK, r] tensors in the accumulator's precision
-
-    def scaled(t, scale):
-        return (t.to(exact) * scale).to(z.dtype)
-
     if need_gu_a:
-        grads[4] = _expert_wgrad(scaled(dzb, gate_up_scale), hidden, routing,
-                                 torch.empty_like(gate_up_a, memory_format=torch.contiguous_format), 1, 2, gather_slots=K)
+        grads[4] = _expert_wgrad(dzb, hidden, routing, torch.empty_like(gate_up_a, memory_format=torch.contiguous_format),
+                                 1, 2, gather_slots=K)
     if need_gu_b:
-        grads[5] = _expert_wgrad(dz, scaled(xa, gate_up_scale), routing,
-                                 torch.empty_like(gate_up_b, memory_format=torch.contiguous_format), 1, 2)
+        grads[5] = _expert_wgrad(dz, xa, routing, torch.empty_like(gate_up_b, memory_format=torch.contiguous_format),
+                                 1, 2)
     if need_down_a:
-        grads[6] = _expert_wgrad(scaled(dob, down_scale), hs, routing,
-                                 torch.empty_like(down_a, memory_format=torch.contiguous_format), 1, 2)
+        grads[6] = _expert_wgrad(dob, hs, routing, torch.empty_like(down_a, memory_format=torch.contiguous_format),
+                                 1, 2)
     if need_down_b:
+        exact = torch.promote_types(z.dtype, torch.float32)  # weight the thin [TK, r] rows in fp32, round once
         row_weight = top_k_weights.reshape(-1)[row_pair.long()].to(exact)  # routing weight of each row
-        grads[7] = _expert_wgrad(scaled(ha, down_scale * row_weight[:, None]), grad_out, routing,
+        grads[7] = _expert_wgrad((ha.to(exact) * row_weight[:, None]).to(z.dtype), grad_out, routing,
                                  torch.empty_like(down_b, memory_format=torch.contiguous_format), 2, 1, gather_slots=K)
     return grads
 

@@ -2,7 +2,7 @@
 
 For each row r of expert e (pair p = row_pair[r], token t = p // K, routing weight s = w[t, p % K]):
     dA[r] = dOut[t] · W2[e]                          (gathered dOut; [I])
-            + ls · dob[r] · A2[e]                    (down-projection LoRA, LORA_R > 0: dob = dOut[t] · B2[e])
+            + dob[r] · A2[e]                         (down LoRA, LORA_R > 0: dob = s2 · dOut[t] · B2[e])
     h[r]  = silu(g) · u  recomputed from z[r] = [g, u]
     dS partial over this program's I-columns:  Σ dA[r] · h[r]   (d out / d s; summed over column blocks later)
     dz[r] = [ s·dA · u · silu'(g),  s·dA · silu(g) ]   (dSwiGLU)
@@ -13,17 +13,23 @@ Writes dz [TK, 2I] and hs [TK, I] in z's dtype, ds_partial [cdiv(I, BLOCK_N), TK
 import triton
 import triton.language as tl
 
+from .lora import add_lora
+
 
 @triton.jit
 def down_dgrad_dswiglu_kernel(
     dout_ptr, w_ptr, z_ptr, s_ptr, dz_ptr, hs_ptr, ds_partial_ptr, la_ptr, lb_ptr,
     row_pair_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
-    I, H, K_SLOTS, NUM_ROWS, lora_scale,
+    I, H, K_SLOTS, NUM_ROWS,
     stride_dt, stride_dh, stride_we, stride_wh, stride_wi, stride_st, stride_sk, stride_lbe, stride_lbn, stride_lbr,
     STORE_HS: tl.constexpr, LORA_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
+    # one program per (M-tile, column block), column blocks fastest: the programs that run together
+    # share their rows of the A operand (and one expert's weights) in L2
+    n_blocks = tl.cdiv(I, BLOCK_N)
+    tile = tl.program_id(0) // n_blocks
+    col_block = tl.program_id(0) % n_blocks
     expert = tl.load(tile_expert_ptr + tile)
     if expert < 0:
         return
@@ -32,7 +38,7 @@ def down_dgrad_dswiglu_kernel(
     row_mask = rows < row_end
     pairs = tl.load(row_pair_ptr + rows, mask=row_mask, other=0)
     tokens = (pairs // K_SLOTS).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < I
     ks = tl.arange(0, BLOCK_K)
 
@@ -47,13 +53,8 @@ def down_dgrad_dswiglu_kernel(
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
 
     if LORA_R > 0:
-        rs = tl.arange(0, BLOCK_R)
-        r_mask = rs < LORA_R
-        la = tl.load(la_ptr + rows[:, None].to(tl.int64) * LORA_R + rs[None, :],
-                     mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-        lb = tl.load(lb_ptr + expert.to(tl.int64) * stride_lbe + cols[None, :] * stride_lbn + rs[:, None] * stride_lbr,
-                     mask=r_mask[:, None] & col_mask[None, :], other=0.0)
-        acc += lora_scale * tl.dot(la, lb, input_precision=PRECISION, out_dtype=ACC)
+        acc = add_lora(acc, la_ptr, lb_ptr, rows, row_mask, cols, col_mask, expert, stride_lbe, stride_lbn, stride_lbr,
+                       LORA_R, BLOCK_R, ACC, PRECISION)
 
     mask = row_mask[:, None] & col_mask[None, :]
     z_rows = z_ptr + rows[:, None].to(tl.int64) * (2 * I) + cols[None, :]
@@ -62,7 +63,7 @@ def down_dgrad_dswiglu_kernel(
     sig = tl.sigmoid(gate)
     silu = gate * sig
     h = silu * up
-    tl.store(ds_partial_ptr + tl.program_id(1).to(tl.int64) * NUM_ROWS + rows, tl.sum(acc * h, axis=1), mask=row_mask)
+    tl.store(ds_partial_ptr + col_block.to(tl.int64) * NUM_ROWS + rows, tl.sum(acc * h, axis=1), mask=row_mask)
 
     s = tl.load(s_ptr + tokens * stride_st + (pairs % K_SLOTS) * stride_sk, mask=row_mask, other=0.0).to(ACC)
     dh = acc * s[:, None]

@@ -3,7 +3,7 @@
     dW1[e]  = Σ dz[r]ᵀ ⊗ x[t]       (a = dz [TK, 2I], b = x [T, H], out = dW1 [E, 2I, H])
     dW2[e]ᵀ = Σ hs[r]ᵀ ⊗ dOut[t]    (a = hs [TK, I], b = dOut [T, H], out = dW2 with its last strides swapped)
 and LoRA's factor gradients, with b gathered by token (GATHER_B) or read by row (b in expert order).
-One program per (expert, M-block, N-block) output tile, looping over that expert's rows: deterministic,
+One program per (expert, M-block, N-block) output tile, expert-major, looping over that expert's rows: deterministic,
 no atomics, and experts without rows store exact zeros.
 """
 
@@ -20,10 +20,14 @@ def expert_wgrad_kernel(
     GATHER_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    expert = tl.program_id(0)
-    ms = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # expert-major program order: the programs that run together read the same expert's rows from L2
+    m_blocks = tl.cdiv(M, BLOCK_M)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    expert = tl.program_id(0) // (m_blocks * n_blocks)
+    block = tl.program_id(0) % (m_blocks * n_blocks)
+    ms = (block // n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = ms < M
-    ns = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ns = (block % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = ns < N
     row_start = tl.load(offsets_ptr + expert)
     row_end = tl.load(offsets_ptr + expert + 1)

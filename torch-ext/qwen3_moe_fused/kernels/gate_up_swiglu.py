@@ -2,7 +2,7 @@
 
 For each row r of expert e (token t = row_pair[r] // K):
     z[r, :I] = x[t] · W1[e, :I]ᵀ (gate),  z[r, I:] = x[t] · W1[e, I:]ᵀ (up),  h[r] = silu(z[r, :I]) · z[r, I:]
-with LoRA (LORA_R > 0) z[r] += s · xa[r] · B1[e]ᵀ, xa = x · A1[e]ᵀ computed beforehand (grouped_gemm).
+with LoRA (LORA_R > 0) z[r] += xa[r] · B1[e]ᵀ, xa = s · x · A1[e]ᵀ computed beforehand (grouped_gemm).
 Both accumulators share the gathered x tile; x is read through the gather index, never copied to T·K×H.
 Writes z [TK, 2I] (kept for backward) and h [TK, I] (input of the down projection), in x's dtype; the rows
 of dropped pairs (tiles with expert -2) get zeros in z, so the output is defined everywhere.
@@ -11,20 +11,26 @@ of dropped pairs (tiles with expert -2) get zeros in z, so the output is defined
 import triton
 import triton.language as tl
 
+from .lora import add_lora
+
 
 @triton.jit
 def gate_up_swiglu_kernel(
     x_ptr, w_ptr, z_ptr, h_ptr, la_ptr, lb_ptr,
     row_pair_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
-    I, H, K_SLOTS, NUM_ROWS, lora_scale,
+    I, H, K_SLOTS, NUM_ROWS,
     stride_xt, stride_xh, stride_we, stride_wn, stride_wk, stride_lbe, stride_lbn, stride_lbr,
     LORA_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
+    # one program per (M-tile, column block), column blocks fastest: the programs that run together
+    # share their rows of the A operand (and one expert's weights) in L2
+    n_blocks = tl.cdiv(I, BLOCK_N)
+    tile = tl.program_id(0) // n_blocks
+    col_block = tl.program_id(0) % n_blocks
     expert = tl.load(tile_expert_ptr + tile)
     rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < I
     z_rows = z_ptr + rows[:, None].to(tl.int64) * (2 * I) + cols[None, :]
     if expert < 0:
@@ -55,16 +61,10 @@ def gate_up_swiglu_kernel(
         acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION, out_dtype=ACC)
 
     if LORA_R > 0:
-        rs = tl.arange(0, BLOCK_R)
-        r_mask = rs < LORA_R
-        la = tl.load(la_ptr + rows[:, None].to(tl.int64) * LORA_R + rs[None, :],
-                     mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-        lb_gate = lb_ptr + expert.to(tl.int64) * stride_lbe + cols[None, :] * stride_lbn + rs[:, None] * stride_lbr
-        lb_mask = r_mask[:, None] & col_mask[None, :]
-        acc_gate += lora_scale * tl.dot(la, tl.load(lb_gate, mask=lb_mask, other=0.0), input_precision=PRECISION,
-                                        out_dtype=ACC)
-        acc_up += lora_scale * tl.dot(la, tl.load(lb_gate + I * stride_lbn, mask=lb_mask, other=0.0),
-                                      input_precision=PRECISION, out_dtype=ACC)
+        acc_gate = add_lora(acc_gate, la_ptr, lb_ptr, rows, row_mask, cols, col_mask, expert, stride_lbe, stride_lbn,
+                            stride_lbr, LORA_R, BLOCK_R, ACC, PRECISION)
+        acc_up = add_lora(acc_up, la_ptr, lb_ptr, rows, row_mask, cols + I, col_mask, expert, stride_lbe, stride_lbn,
+                          stride_lbr, LORA_R, BLOCK_R, ACC, PRECISION)
 
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
     out_mask = row_mask[:, None] & col_mask[None, :]

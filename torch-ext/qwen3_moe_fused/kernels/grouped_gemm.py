@@ -1,10 +1,11 @@
-"""Grouped GEMM over the M-tiles: c[r] = a[r] · B[e] (+ s · la[r] · LB[e]) for the rows r of each expert e.
+"""Grouped GEMM over the M-tiles: c[r] = scale · (a[r] · B[e] + la[r] · LB[e]) for the rows r of each expert e.
 
 B[e] is addressed through strides, so the same kernel computes
-    down projection   y[r]  = h[r]  · W2[e]ᵀ   (+ s · ha[r] · B2[e]ᵀ with down-projection LoRA)
-    dX per row        dx[r] = dz[r] · W1[e]    (+ s · (dz·B1)[r] · A1[e] with gate/up LoRA)
-    LoRA's thin GEMMs xa[r] = x[t] · A1[e]ᵀ (GATHER_A: row r reads token t = row_pair[r] // K),
-                      ha[r] = h[r] · A2[e]ᵀ, dob[r] = dOut[t] · B2[e], (dz·B1)[r] = dz[r] · B1[e].
+    down projection   y[r]  = h[r]  · W2[e]ᵀ   (+ ha[r] · B2[e]ᵀ with down-projection LoRA)
+    dX per row        dx[r] = dz[r] · W1[e]    (+ dzb[r] · A1[e] with gate/up LoRA)
+    LoRA's thin GEMMs xa[r] = s1 · x[t] · A1[e]ᵀ (GATHER_A: row r reads token t = row_pair[r] // K),
+                      ha[r] = s2 · h[r] · A2[e]ᵀ, dob[r] = s2 · dOut[t] · B2[e], dzb[r] = s1 · dz[r] · B1[e]
+                      (SCALE: the adapter's scale s applied to the fp32 accumulator, one rounding).
 a's rows are addressed by stride; c [TK, N] and la [TK, LORA_R] are contiguous, in expert order. The rows of
 dropped pairs (tiles with expert -2) get zeros, so c is defined everywhere.
 """
@@ -12,21 +13,27 @@ dropped pairs (tiles with expert -2) get zeros, so c is defined everywhere.
 import triton
 import triton.language as tl
 
+from .lora import add_lora
+
 
 @triton.jit
 def grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, la_ptr, lb_ptr,
     row_pair_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
-    N, KA, K_SLOTS, NUM_ROWS, lora_scale,
+    N, KA, K_SLOTS, NUM_ROWS, out_scale,
     stride_at, stride_ak, stride_be, stride_bk, stride_bn, stride_lbe, stride_lbn, stride_lbr,
-    GATHER_A: tl.constexpr, LORA_R: tl.constexpr,
+    GATHER_A: tl.constexpr, SCALE: tl.constexpr, LORA_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
+    # one program per (M-tile, column block), column blocks fastest: the programs that run together
+    # share their rows of the A operand (and one expert's weights) in L2
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    tile = tl.program_id(0) // n_blocks
+    col_block = tl.program_id(0) % n_blocks
     expert = tl.load(tile_expert_ptr + tile)
     rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     c = c_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
     if expert < 0:
@@ -53,12 +60,8 @@ def grouped_gemm_kernel(
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
 
     if LORA_R > 0:
-        rs = tl.arange(0, BLOCK_R)
-        r_mask = rs < LORA_R
-        la = tl.load(la_ptr + rows[:, None].to(tl.int64) * LORA_R + rs[None, :],
-                     mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-        lb = tl.load(lb_ptr + expert.to(tl.int64) * stride_lbe + cols[None, :] * stride_lbn + rs[:, None] * stride_lbr,
-                     mask=r_mask[:, None] & col_mask[None, :], other=0.0)
-        acc += lora_scale * tl.dot(la, lb, input_precision=PRECISION, out_dtype=ACC)
-
+        acc = add_lora(acc, la_ptr, lb_ptr, rows, row_mask, cols, col_mask, expert, stride_lbe, stride_lbn, stride_lbr,
+                       LORA_R, BLOCK_R, ACC, PRECISION)
+    if SCALE:
+        acc = acc * out_scale
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])

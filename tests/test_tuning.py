@@ -1,0 +1,96 @@
+"""Launch configurations: every autotune candidate computes the reference's result; the tuner and its switches.
+
+The candidates are checked on CPU through the interpreter (float64, the configs forced) and on the GPU (bfloat16
+at Qwen3-30B-A3B shapes); timing and the cache file only exist on the GPU.
+"""
+
+import json
+
+import pytest
+import torch
+
+from test_kernels import (
+    NAMES, TOL, _double, _lora_factors, _problem, _qwen3_30b_problem, _reference, _run, _run_lora, assert_close_rel,
+)
+
+KINDS = ("gate_up", "grouped_gemm", "thin", "dgrad", "wgrad")
+
+
+def _candidate(kernel, i):
+    return {kind: kernel.tuning.CANDIDATES[kind][i] for kind in KINDS}
+
+
+def test_every_kind_has_a_default_and_distinct_candidates(kernel):
+    candidates = kernel.tuning.CANDIDATES
+    assert set(candidates) == set(KINDS)
+    for kind, configs in candidates.items():
+        assert len({json.dumps(c, sort_keys=True) for c in configs}) == len(configs) == 4, kind
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter coverage; the GPU variant is below")
+@pytest.mark.parametrize("i", range(4))
+@pytest.mark.parametrize("case", ["uniform", "all_on_one_expert", "empty_experts"])
+def test_candidate_configs_match_reference_in_the_interpreter(kernel, case, i):
+    with kernel.tuning.forced(**_candidate(kernel, i)):
+        leaves, index, grad_out = _problem(case, torch.float64, 100 + i)
+        out, grads = _run(kernel, leaves, index, grad_out)
+        ref_out, ref_grads = _reference(kernel, leaves, index, grad_out)
+        for name, got, want in zip(NAMES, (out, *grads), (ref_out, *ref_grads)):
+            assert_close_rel(got, want, TOL[torch.float64], f"candidate {i} {case} {name}")
+        factors = _lora_factors(leaves[2], leaves[3], (4, 3), 200 + i)
+        out, grads = _run_lora(kernel, leaves, index, grad_out, factors, kernel)
+        ref_out, ref_grads = _run_lora(kernel, _double(leaves), index, grad_out, _double(factors), kernel.reference)
+        for j, (got, want) in enumerate(zip((out, *grads), (ref_out, *ref_grads))):
+            assert_close_rel(got, want, TOL[torch.float64], f"candidate {i} {case} LoRA output/gradient {j}")
+
+
+def test_rows_bucket_and_switch(kernel, monkeypatch):
+    tuning = kernel.tuning
+    assert [tuning.rows_bucket(rows, 128) for rows in (1, 128, 129, 8 * 4096, 8 * 4096 + 1)] == [1, 1, 1, 256, 256]
+    assert tuning.rows_bucket(8 * 16384, 128) == 1024 and tuning.rows_bucket(8 * 1000, 128) == 64
+    monkeypatch.setenv("QWEN3_MOE_FUSED_AUTOTUNE", "0")
+    assert not tuning.enabled()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("i", range(4))
+def test_gpu_candidate_configs_match_float32_reference(kernel, i):
+    leaves, index, grad_out = _qwen3_30b_problem(4096, 300 + i)
+    with kernel.tuning.forced(**_candidate(kernel, i)):
+        out, grads = _run(kernel, leaves, index, grad_out)
+        factors = _lora_factors(leaves[2], leaves[3], (16, 16), 400 + i)
+        frozen = [leaves[0], leaves[1], leaves[2].detach(), leaves[3].detach()]
+        lora_out, lora_grads = _run_lora(kernel, frozen, index, grad_out, factors, kernel)
+    ref = [t.detach().float().requires_grad_() for t in leaves]
+    ref_out, ref_grads = _run(kernel.reference, ref, index, grad_out)
+    for name, got, want in zip(NAMES, (out, *grads), (ref_out, *ref_grads)):
+        assert_close_rel(got, want, TOL[torch.bfloat16], f"candidate {i} {name}")
+    ref_frozen = [ref[0], ref[1], ref[2].detach(), ref[3].detach()]
+    ref_factors = [f.detach().float().requires_grad_() for f in factors]
+    ref_out, ref_grads = _run_lora(kernel, ref_frozen, index, grad_out, ref_factors, kernel.reference)
+    for j, (got, want) in enumerate(zip((lora_out, *lora_grads), (ref_out, *ref_grads))):
+        assert_close_rel(got, want, TOL[torch.bfloat16], f"candidate {i} LoRA output/gradient {j}")
+
+
+@pytest.mark.gpu
+def test_gpu_autotune_chooses_once_per_key_and_writes_the_cache_file(kernel, tmp_path, monkeypatch):
+    tuning = kernel.tuning
+    cache = tmp_path / "tuning.json"
+    monkeypatch.setenv("QWEN3_MOE_FUSED_AUTOTUNE", "1")
+    monkeypatch.setenv("QWEN3_MOE_FUSED_AUTOTUNE_CACHE", str(cache))
+    monkeypatch.setattr(tuning, "_chosen", {})
+    leaves, index, grad_out = _qwen3_30b_problem(2048, 500)
+    first = _run(kernel, leaves, index, grad_out)
+    kinds = {key[0] for key in tuning._chosen}
+    assert kinds == {"gate_up", "grouped_gemm", "dgrad", "wgrad"}
+    entries = json.loads(cache.read_text())
+    assert {tuple(e["key"]) for e in entries} == set(tuning._chosen)
+    assert all(e["config"] in tuning.CANDIDATES[e["key"][0]] for e in entries)
+    chosen = dict(tuning._chosen)
+    second = _run(kernel, leaves, index, grad_out)  # no new tuning, same configs: same bits
+    assert tuning._chosen == chosen
+    assert torch.equal(first[0], second[0]) and all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+    monkeypatch.setattr(tuning, "_chosen", {})  # a later process reads the choices from the file
+    monkeypatch.setattr(tuning, "_loaded_file", None)
+    third = _run(kernel, leaves, index, grad_out)
+    assert tuning._chosen == chosen and torch.equal(first[0], third[0])

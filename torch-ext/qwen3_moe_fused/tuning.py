@@ -1,0 +1,163 @@
+"""Launch configurations of the kernels: defaults, the candidates the autotuner times, and the tuner.
+
+Every GPU launch asks ``choose(kind, key, dtype, launch)`` for its block sizes and launch options:
+
+- autotuning on (default on CUDA): the first launch of a (kind, key) times each candidate of ``CANDIDATES[kind]``
+  (pruned: none whose BLOCK_N is twice the output width) with ``triton.testing.do_bench``, keeps the fastest for the rest of the process and logs the choice once.
+  ``key`` holds the problem sizes and the rows per expert rounded up to a power of two, so a training run with
+  a fixed sequence length tunes during its first step only (``tune`` in functional.py tunes ahead of time);
+- ``QWEN3_MOE_FUSED_AUTOTUNE=0``: the defaults (``CANDIDATES[kind][0]``, from benchmarks/sweep_configs.py on an
+  H100), with no timing; results are then bit-identical across processes, which tuned choices need not be
+  (another BLOCK_K sums the fp32 products in another order; every candidate is tested against the reference);
+- ``QWEN3_MOE_FUSED_AUTOTUNE_CACHE=file.json``: choices are read from the file at first use and written back
+  after each tuning, so later processes skip the timing and reuse the same configs;
+- inside CUDA-graph capture, where timing is impossible, the cached choice or the default;
+- the Triton interpreter: small blocks (``INTERPRETER``), unless a test forces a config with ``forced``.
+
+BLOCK_K is given for 2-byte dtypes and shrinks for wider ones so the shared-memory stages keep their size. The
+M-tile height of the tile-table kernels (gate_up, grouped_gemm, dgrad) is fixed per call by ``block_m_for``
+because the routing tables are built for it; wgrad has its own BLOCK_M.
+"""
+
+import contextlib
+import json
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _config(BLOCK_N, BLOCK_K, num_warps, num_stages, **extra):
+    return dict(extra, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=num_warps, num_stages=num_stages)
+
+
+CANDIDATES = {  # the first of each list is the default
+    "gate_up": [_config(128, 64, 8, 4), _config(64, 64, 4, 4), _config(128, 64, 8, 3), _config(64, 128, 4, 3)],
+    "grouped_gemm": [_config(256, 64, 8, 4), _config(128, 64, 8, 4), _config(128, 64, 4, 4), _config(256, 64, 8, 3)],
+    "thin": [_config(16, 128, 4, 3), _config(16, 64, 4, 4), _config(16, 256, 4, 2), _config(16, 64, 2, 4)],
+    "dgrad": [_config(128, 128, 8, 3), _config(128, 64, 8, 4), _config(64, 128, 4, 3), _config(256, 64, 8, 3)],
+    "wgrad": [_config(128, 64, 8, 4, BLOCK_M=128), _config(256, 64, 8, 4, BLOCK_M=128),
+              _config(128, 128, 8, 3, BLOCK_M=128), _config(128, 64, 8, 3, BLOCK_M=128)],
+}
+INTERPRETER = dict(BLOCK_N=32, BLOCK_K=32)  # plus BLOCK_M=32 for wgrad
+
+_chosen: dict = {}  # (kind, key...) -> config, this process's choices
+_forced: dict = {}  # kind -> config, set by ``forced``
+_loaded_file = None
+
+
+def block_m_for(num_rows: int, num_experts: int) -> int:
+    """M-tile height shared by the routing tables and every M-tiled kernel of one call."""
+    if _INTERPRET:
+        return 16
+    return 128 if num_rows >= 256 * num_experts else 64
+
+
+def rows_bucket(num_rows: int, num_experts: int) -> int:
+    """Rows per expert rounded up to a power of two: the part of a tuning key that follows the batch size."""
+    return 1 << max(0, (max(1, num_rows // max(1, num_experts)) - 1).bit_length())
+
+
+def enabled() -> bool:
+    return os.environ.get("QWEN3_MOE_FUSED_AUTOTUNE", "1") != "0" and not _INTERPRET
+
+
+@contextlib.contextmanager
+def forced(**configs):
+    """Within the block, kernel kind -> config (a CANDIDATES entry) is used as is, without timing (tests)."""
+    saved = dict(_forced)
+    _forced.update(configs)
+    try:
+        yield
+    finally:
+        _forced.clear()
+        _forced.update(saved)
+
+
+def _split(config, dtype, thin_n=None):
+    """(block sizes, launch options) of a config for ``dtype`` operands."""
+    blocks = {k: v for k, v in config.items() if k.startswith("BLOCK_")}
+    launch = {k: v for k, v in config.items() if k.startswith("num_")}
+    blocks["BLOCK_K"] = max(16, blocks["BLOCK_K"] * 2 // dtype.itemsize)
+    if thin_n is not None:  # LoRA's thin products: one column block of the rank's width
+        blocks["BLOCK_N"] = max(16, 1 << (thin_n - 1).bit_length())
+    return blocks, launch
+
+
+def _cache_file():
+    return os.environ.get("QWEN3_MOE_FUSED_AUTOTUNE_CACHE")
+
+
+def _load_file():
+    global _loaded_file
+    path = _cache_file()
+    if path == _loaded_file:
+        return
+    _loaded_file = path
+    if path and os.path.exists(path):
+        with open(path) as f:
+            for entry in json.load(f):
+                _chosen.setdefault(tuple(entry["key"]), entry["config"])
+
+
+def _save_file():
+    path = _cache_file()
+    if path:
+        entries = [{"key": list(key), "config": config} for key, config in _chosen.items()]
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(entries, f, indent=1)
+        os.replace(tmp, path)
+
+
+def choose(kind, key, dtype, launch, n, thin_n=None):
+    """Launch the kernel ``kind`` through ``launch(blocks, launch_options)`` with the config for ``key``; returns
+    what ``launch`` returns. ``n``: the output columns (candidates with BLOCK_N ≥ 2n are not timed); ``thin_n``:
+    the N of a LoRA thin product, which sets BLOCK_N."""
+    if _INTERPRET:
+        config = _forced.get(kind)
+        if config is None:
+            blocks = dict(INTERPRETER, **({"BLOCK_M": 32} if kind == "wgrad" else {}))
+            if thin_n is not None:
+                blocks["BLOCK_N"] = max(16, 1 << (thin_n - 1).bit_length())
+            return launch(blocks, {})
+        return launch(*_split(config, dtype, thin_n))
+    if kind in _forced:
+        return launch(*_split(_forced[kind], dtype, thin_n))
+    full_key = (kind, str(dtype).removeprefix("torch."), *key)
+    if not enabled():
+        return launch(*_split(CANDIDATES[kind][0], dtype, thin_n))
+    _load_file()
+    config = _chosen.get(full_key)
+    if config is None:
+        if torch.cuda.is_current_stream_capturing():
+            return launch(*_split(CANDIDATES[kind][0], dtype, thin_n))
+        config = _tune(kind, full_key, dtype, launch, n, thin_n)
+    return launch(*_split(config, dtype, thin_n))
+
+
+def _tune(kind, full_key, dtype, launch, n, thin_n):
+    import triton
+
+    timings = []
+    fitting = [c for c in CANDIDATES[kind] if c["BLOCK_N"] < 2 * n] or \
+        [min(CANDIDATES[kind], key=lambda c: c["BLOCK_N"])]  # pruning: no tile mostly past the last column
+    for config in fitting:
+        split = _split(config, dtype, thin_n)
+        try:
+            ms = triton.testing.do_bench(lambda: launch(*split), warmup=5, rep=25, return_mode="median")
+        except triton.runtime.errors.OutOfResources:  # e.g. shared memory of a smaller GPU
+            continue
+        timings.append((ms, config))
+    if not timings:
+        raise RuntimeError(f"qwen3-moe-fused: no launch config of kernel {kind} fits this GPU ({full_key})")
+    ms, config = min(timings, key=lambda item: item[0])
+    _chosen[full_key] = config
+    logger.info("qwen3-moe-fused autotune %s: %s, %.3f ms (candidates: %s)", full_key, config, ms,
+                ", ".join(f"{t:.3f}" for t, _ in timings))
+    _save_file()
+    return config
