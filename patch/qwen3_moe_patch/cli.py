@@ -1,11 +1,15 @@
-"""``qwen3-moe-fused``: build the Hub kernel without Nix, lock it, and check it end to end on a tiny model.
+"""``qwen3-moe-fused``: build the Hub kernel without Nix, lock it, check it end to end on a tiny model, train.
 
     qwen3-moe-fused build [--project DIR] [--out DIR] [--backend B ...] [--hub-cache DIR]
     qwen3-moe-fused lock  [--project DIR] [--out FILE]
     qwen3-moe-fused check [--project DIR] [--steps N] [--device cpu|cuda] [--dtype float32|bfloat16]
+    qwen3-moe-fused train [--preset tiny|30b-a3b-4layers | --model PATH] [--impl fused --impl grouped_mm ...]
+                          [--lora-r R] [--gradient-checkpointing] [--data FILE] [--steps N] [--seq S] [--out DIR]
 """
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import sys
 import tempfile
@@ -59,27 +63,38 @@ def _train(model, batches, lr):
     return losses, seconds
 
 
-def _check(args) -> int:
+@contextlib.contextmanager
+def _offline_kernel(project):
+    """(kernel module, version, revision): ``project`` built and loaded with get_kernel from a private Hub cache."""
     with tempfile.TemporaryDirectory(prefix="qwen3-moe-fused-") as tmp:
         # Offline, from a private Hub cache. The Hub client read its environment when this package imported
         # transformers, so its constants are set directly.
         import huggingface_hub.constants as hub
 
+        saved = hub.HF_HUB_OFFLINE, hub.HF_HUB_CACHE
         hub.HF_HUB_OFFLINE = True
         hub.HF_HUB_CACHE = str(Path(tmp) / "hub")
-        version = kernel_config(args.project)["general"]["version"]
-        build_kernel(args.project, out_dir=Path(tmp) / "build")
-        revision = install_in_hub_cache(Path(tmp) / "build", Path(tmp) / "hub", DEFAULT_REPO_ID, version)
+        try:
+            version = kernel_config(project)["general"]["version"]
+            build_kernel(project, out_dir=Path(tmp) / "build")
+            revision = install_in_hub_cache(Path(tmp) / "build", Path(tmp) / "hub", DEFAULT_REPO_ID, version)
 
-        import kernels
+            import kernels
+
+            kernel = kernels.get_kernel(DEFAULT_REPO_ID, version=version)
+            print(f"loaded {DEFAULT_REPO_ID} v{version} offline from the local Hub cache: module {kernel.__name__}, "
+                  f"revision {revision[:12]}")
+            yield kernel, version, revision
+        finally:
+            hub.HF_HUB_OFFLINE, hub.HF_HUB_CACHE = saved
+
+
+def _check(args) -> int:
+    with _offline_kernel(args.project) as (kernel, version, revision):
         import torch
 
         from .patch import patch_qwen3_moe
         from .presets import make_model
-
-        kernel = kernels.get_kernel(DEFAULT_REPO_ID, version=version)
-        print(f"loaded {DEFAULT_REPO_ID} v{version} offline from the local Hub cache: module {kernel.__name__}, "
-              f"revision {revision[:12]}")
 
         dtype = getattr(torch, args.dtype)
         eager = make_model(seed=0, experts_implementation="eager").to(args.device, dtype)
@@ -111,6 +126,39 @@ def _check(args) -> int:
     return 0 if ok else 1
 
 
+def _train_command(args) -> int:
+    from . import train
+
+    impls = args.impl or ["fused"]
+    with contextlib.ExitStack() as stack:
+        kernel = None
+        if "fused" in impls:
+            kernel = stack.enter_context(_offline_kernel(args.project))[0]
+        results = train.compare(
+            impls, steps=args.steps, batch=args.batch, seq=args.seq, seed=args.seed, data=args.data,
+            preset=args.preset, model_path=args.model, lora_r=args.lora_r,
+            gradient_checkpointing=args.gradient_checkpointing, device=args.device, dtype=args.dtype, lr=args.lr,
+            kernel=kernel, log_every=args.log_every, show_progress=not args.no_progress)
+    what = (f"{args.model or args.preset}, {'LoRA r' + str(args.lora_r) if args.lora_r else 'full fine-tune'}, "
+            f"{args.batch}x{args.seq} tokens/step, {args.steps} steps, {args.dtype} on {args.device}"
+            f"{', gradient checkpointing' if args.gradient_checkpointing else ''}")
+    print(f"\n{what}\n" + train.table(results))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train.json").write_text(json.dumps({
+            "setup": {**{k: v for k, v in vars(args).items() if k != "func"}, "description": what},
+            "runs": [dataclasses.asdict(r) | {"tokens_per_second": r.tokens_per_second(), "final_loss": r.final_loss()}
+                     for r in results]}, indent=1))
+        if len(results) > 1:
+            try:
+                train.plot(results, out / "loss.png", what)
+            except ImportError:
+                print("matplotlib is not installed: no loss plot (pip install matplotlib)")
+        print(f"wrote {out}/")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="qwen3-moe-fused", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,8 +178,27 @@ def main(argv=None) -> int:
     check.add_argument("--lr", type=float, default=1e-3)
     check.add_argument("--device", default="cpu")
     check.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    tr = sub.add_parser("train", help="fine-tune a Qwen3-MoE on real text; several --impl compare loss and speed")
+    tr.add_argument("--project", default=".", help="kernel project root (holds build.toml) for --impl fused")
+    tr.add_argument("--preset", default="tiny", help="local config: tiny (default) or 30b-a3b-4layers")
+    tr.add_argument("--model", help="path of a Qwen3-MoE checkpoint instead of a preset")
+    tr.add_argument("--impl", action="append", choices=["fused", "grouped_mm", "eager", "liger"],
+                    help="experts implementation (repeatable, run in order); default fused")
+    tr.add_argument("--lora-r", type=int, default=0, help="LoRA rank on attention and experts; 0 = full fine-tune")
+    tr.add_argument("--gradient-checkpointing", action="store_true")
+    tr.add_argument("--data", help="text file to train on; default: the Python standard library's sources")
+    tr.add_argument("--steps", type=int, default=50)
+    tr.add_argument("--batch", type=int, default=4)
+    tr.add_argument("--seq", type=int, default=256)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="cpu")
+    tr.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    tr.add_argument("--log-every", type=int, default=10, help="one summary line every N steps (0: none)")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.add_argument("--out", help="folder for train.json and, with several --impl, loss.png")
     args = parser.parse_args(argv)
-    return {"build": _build, "lock": _lock, "check": _check}[args.command](args)
+    return {"build": _build, "lock": _lock, "check": _check, "train": _train_command}[args.command](args)
 
 
 if __name__ == "__main__":

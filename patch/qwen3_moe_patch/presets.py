@@ -1,16 +1,24 @@
-"""Qwen3-MoE model configurations built locally (no download): a tiny one for checks and tests."""
+"""Qwen3-MoE model configurations built locally (no download): a tiny one for checks and tests, and
+Qwen3-30B-A3B's widths with 4 layers for GPU training benchmarks. Both have a byte-level vocabulary (256)."""
 
 import copy
 
 __all__ = ["PRESETS", "make_config", "make_model"]
 
 PRESETS = {
-    # 4 layers, 8 experts, top-2: ~265k parameters, fast on a CPU.
+    # 4 layers, 8 experts, top-2: ~280k parameters, fast on a CPU.
     "tiny": dict(
-        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
         norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=256,
         output_router_logits=True, router_aux_loss_coef=0.01, tie_word_embeddings=False,
+    ),
+    # Qwen3-30B-A3B's attention and MoE widths (H 2048, I 768, 128 experts, top-8), 4 layers: 2.5B parameters.
+    "30b-a3b-4layers": dict(
+        vocab_size=256, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=32768,
+        output_router_logits=True, router_aux_loss_coef=0.001, tie_word_embeddings=False,
     ),
 }
 

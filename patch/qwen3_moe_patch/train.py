@@ -1,0 +1,238 @@
+"""Fine-tune a Qwen3-MoE on real text with one experts implementation or several side by side.
+
+Each implementation starts from the same weights (``seed``) and sees the same batches, so the loss curves are
+comparable step by step. The loop is a plain one (AdamW, no scheduler, no gradient accumulation) rather than
+transformers' Trainer, so the timed region is exactly forward + backward + optimizer step; the plugin works
+the same under Trainer (README, "Fine-tune").
+
+Data: bytes of a text file, or by default the Python standard library's own source files (real text that
+every machine has offline), as byte-level tokens (vocab 256, no tokenizer download); or, for a checkpoint with
+a tokenizer, its tokens. Batches are random windows drawn with ``seed``.
+
+Implementations: "fused" (this project's kernel through ``patch_qwen3_moe``), transformers' "grouped_mm" and
+"eager" experts, and "liger" (Liger-Kernel's ``fused_moe`` registered as a transformers experts function).
+"""
+
+import dataclasses
+import math
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+IMPLS = ("fused", "grouped_mm", "eager", "liger")
+LIGER_NAME = "liger_fused_moe"
+
+
+def stdlib_corpus(max_bytes: int = 16 << 20) -> bytes:
+    """The standard library's .py files in sorted order, concatenated up to ``max_bytes``."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, size = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if "site-packages" in path.parts or "test" in path.parts:
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        chunks.append(data)
+        size += len(data)
+        if size >= max_bytes:
+            break
+    if not chunks:
+        raise RuntimeError(f"no Python sources under {root}; pass --data FILE")
+    return b"".join(chunks)[:max_bytes]
+
+
+def token_stream(data_path=None, tokenizer=None):
+    """1-D int64 tensor of tokens: bytes (vocab 256) or the tokenizer's ids."""
+    import torch
+
+    raw = Path(data_path).read_bytes() if data_path else stdlib_corpus()
+    if tokenizer is not None:
+        return torch.tensor(tokenizer(raw.decode("utf-8", errors="replace"))["input_ids"], dtype=torch.long)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+
+
+def make_batches(tokens, steps: int, batch: int, seq: int, seed: int):
+    """``steps`` batches [batch, seq] of random windows of ``tokens`` (same windows for the same seed)."""
+    import torch
+
+    if tokens.numel() <= seq:
+        raise ValueError(f"the corpus has {tokens.numel()} tokens, fewer than one sequence of {seq}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seq, (steps, batch), generator=gen)
+    return [torch.stack([tokens[s:s + seq] for s in row.tolist()]) for row in starts]
+
+
+def register_liger():
+    """Liger-Kernel's fused_moe as transformers experts implementation "liger_fused_moe"."""
+    from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
+    from transformers.integrations.moe import ExpertsInterface
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return LigerFusedMoEFunction.apply(hidden_states, self.gate_up_proj, self.down_proj, top_k_index.int(),
+                                           top_k_weights.to(hidden_states.dtype))
+
+    ExpertsInterface.register(LIGER_NAME, forward)
+    return LIGER_NAME
+
+
+@dataclasses.dataclass
+class RunResult:
+    impl: str
+    losses: list  # training loss per step (language model + router aux loss × its coefficient)
+    step_seconds: list
+    tokens_per_step: int
+    peak_mib: float  # peak CUDA memory allocated over the run (0 on CPU)
+
+    def tokens_per_second(self, skip: int = 2) -> float:
+        """Steady-state throughput: the first ``skip`` steps (compilation, autotuning) are left out."""
+        timed = self.step_seconds[skip:] if len(self.step_seconds) > skip else self.step_seconds
+        return self.tokens_per_step * len(timed) / sum(timed)
+
+    def final_loss(self, last: int = 10) -> float:
+        tail = self.losses[-last:]
+        return sum(tail) / len(tail)
+
+
+def build_model(impl, *, preset="tiny", model_path=None, lora_r=0, gradient_checkpointing=False, device="cpu",
+                dtype="float32", seed=0, kernel=None, config_overrides=None):
+    """The model for one run: same initial weights for the same seed, whatever the implementation.
+    ``config_overrides`` change the preset's config (e.g. num_hidden_layers)."""
+    import torch
+
+    from .presets import make_model
+
+    experts_impl = {"fused": "grouped_mm", "grouped_mm": "grouped_mm", "eager": "eager"}.get(impl)
+    if impl == "liger":
+        experts_impl = register_liger()
+    if experts_impl is None:
+        raise ValueError(f"unknown implementation {impl!r}; choose from {', '.join(IMPLS)}")
+    if model_path:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
+                                                     experts_implementation=experts_impl)
+    else:
+        with torch.device(device):  # initialise on the device: seconds instead of minutes for billions of weights
+            model = make_model(preset, seed=seed, experts_implementation=experts_impl, **(config_overrides or {}))
+    model.config.use_cache = False
+    model = model.to(device, getattr(torch, dtype))
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(seed + 1)  # LoRA A initialisation
+        config = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+        model = get_peft_model(model, config)
+        if gradient_checkpointing:
+            model.enable_input_require_grads()
+    if impl == "fused":
+        from .patch import patch_qwen3_moe
+
+        patch_qwen3_moe(model, kernel=kernel)
+    return model
+
+
+def train_run(model, batches, *, impl, lr=1e-4, device="cpu", progress=None, log_every=0, log=print) -> RunResult:
+    """Train ``model`` on ``batches`` (AdamW); the loss and the wall time of every step."""
+    import torch
+
+    cuda = torch.device(device).type == "cuda"
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    losses, seconds = [], []
+    for step, input_ids in enumerate(batches):
+        input_ids = input_ids.to(device)
+        start = time.perf_counter()
+        out = model(input_ids=input_ids, labels=input_ids)  # loss includes the router's aux loss (× its coef)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lm_loss = out.loss.item()  # synchronises
+        seconds.append(time.perf_counter() - start)
+        losses.append(lm_loss)
+        if not math.isfinite(lm_loss):
+            raise FloatingPointError(f"{impl}: loss is {lm_loss} at step {step}")
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{lm_loss:.4f}")
+        if log_every and (step + 1) % log_every == 0:
+            log(f"{impl} step {step + 1}/{len(batches)}: loss {lm_loss:.4f}, {1e3 * seconds[-1]:.0f} ms/step")
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0
+    return RunResult(impl, losses, seconds, batches[0].numel() if batches else 0, peak)
+
+
+def compare(impls, *, steps, batch, seq, seed=0, data=None, preset="tiny", model_path=None, lora_r=0,
+            gradient_checkpointing=False, device="cpu", dtype="float32", lr=1e-4, kernel=None, log_every=0,
+            show_progress=True, log=print, config_overrides=None):
+    """One run per implementation on the same batches from the same weights; list of RunResult."""
+    import torch
+
+    tokenizer = None
+    if model_path and (Path(model_path) / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    batches = make_batches(token_stream(data, tokenizer), steps, batch, seq, seed)
+    results = []
+    for impl in impls:
+        model = build_model(impl, preset=preset, model_path=model_path, lora_r=lora_r,
+                            gradient_checkpointing=gradient_checkpointing, device=device, dtype=dtype, seed=seed,
+                            kernel=kernel, config_overrides=config_overrides)
+        if model.config.vocab_size < 256 and tokenizer is None:
+            raise ValueError(f"byte-level data needs vocab_size ≥ 256, the model has {model.config.vocab_size}")
+        progress = None
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=steps, desc=impl, file=sys.stderr, leave=False)
+        try:
+            results.append(train_run(model, batches, impl=impl, lr=lr, device=device, progress=progress,
+                                     log_every=log_every, log=log))
+        finally:
+            if progress is not None:
+                progress.close()
+            del model
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+    return results
+
+
+def table(results, baseline="grouped_mm") -> str:
+    """Markdown: tokens/s (and ÷ the baseline's), peak memory, final loss (mean of the last 10 steps)."""
+    base = next((r for r in results if r.impl == baseline), None)
+    lines = ["| impl | tokens/s | × " + baseline + " | peak MiB | final loss | max abs loss diff vs " + baseline + " |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        speed = f"{r.tokens_per_second() / base.tokens_per_second():.2f}" if base else "–"
+        diff = f"{max(abs(a - b) for a, b in zip(r.losses, base.losses)):.2e}" if base else "–"
+        lines.append(f"| {r.impl} | {r.tokens_per_second():.0f} | {speed} | {r.peak_mib:.0f} | {r.final_loss():.4f} "
+                     f"| {diff} |")
+    return "\n".join(lines)
+
+
+def plot(results, path, title=""):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        ax.plot(range(1, len(r.losses) + 1), r.losses, label=r.impl, linewidth=1)
+    ax.set(xlabel="step", ylabel="loss", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+__all__ = ["IMPLS", "RunResult", "build_model", "compare", "make_batches", "plot", "stdlib_corpus", "table",
+           "token_stream", "train_run"]
