@@ -14,24 +14,23 @@ def _use_test_kernel(kernel):
     qwen3_moe_patch.register_experts_implementation(kernel=kernel)
 
 
+def _tiny(config_cls, model_cls, seed, **config):
+    torch.manual_seed(seed)
+    return model_cls(config_cls(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                                num_attention_heads=4, num_experts_per_tok=2, max_position_embeddings=128,
+                                output_router_logits=True, **config))
+
+
 def _olmoe(seed, **overrides):
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
-    torch.manual_seed(seed)
-    return OlmoeForCausalLM(OlmoeConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, num_experts=8, num_experts_per_tok=2, max_position_embeddings=128,
-        output_router_logits=True, **overrides))
+    return _tiny(OlmoeConfig, OlmoeForCausalLM, seed, num_key_value_heads=4, num_experts=8, **overrides)
 
 
 def _mixtral(seed, **overrides):
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    torch.manual_seed(seed)
-    return MixtralForCausalLM(MixtralConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=128,
-        output_router_logits=True, **overrides))
+    return _tiny(MixtralConfig, MixtralForCausalLM, seed, num_key_value_heads=2, num_local_experts=8, **overrides)
 
 
 def _train_step(model, ids):

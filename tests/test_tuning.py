@@ -13,6 +13,7 @@ from test_kernels import (
     NAMES, TOL, _double, _lora_factors, _problem, _qwen3_30b_problem, _reference, _run, _run_lora, assert_close_rel,
 )
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KINDS = ("gate_up", "grouped_gemm", "thin", "dgrad", "wgrad")
 
 
@@ -70,6 +71,25 @@ def test_gpu_candidate_configs_match_float32_reference(kernel, i):
     ref_out, ref_grads = _run_lora(kernel, ref_frozen, index, grad_out, ref_factors, kernel.reference)
     for j, (got, want) in enumerate(zip((lora_out, *lora_grads), (ref_out, *ref_grads))):
         assert_close_rel(got, want, TOL[torch.bfloat16], f"candidate {i} LoRA output/gradient {j}")
+
+
+def test_tune_runs_full_and_lora_passes(kernel):
+    """``tune`` drives forward and backward for each T (on CPU through the interpreter, where nothing is timed)."""
+    kernel.tune(32, 16, 4, 2, [5, 9], dtype=torch.float32, lora_rank=4, device=DEVICE)
+
+
+@pytest.mark.gpu
+def test_gpu_tune_ahead_leaves_nothing_to_tune_in_training(kernel, monkeypatch):
+    tuning = kernel.tuning
+    monkeypatch.setenv("QWEN3_MOE_FUSED_AUTOTUNE", "1")
+    monkeypatch.delenv("QWEN3_MOE_FUSED_AUTOTUNE_CACHE", raising=False)
+    monkeypatch.setattr(tuning, "_chosen", {})
+    kernel.tune(2048, 768, 128, 8, [3000])
+    tuned = dict(tuning._chosen)
+    assert {key[0] for key in tuned} == {"gate_up", "grouped_gemm", "dgrad", "wgrad"}
+    leaves, index, grad_out = _qwen3_30b_problem(3500, 600)  # same rows-per-expert bucket as T=3000
+    _run(kernel, leaves, index, grad_out)
+    assert tuning._chosen == tuned
 
 
 @pytest.mark.gpu
