@@ -137,13 +137,21 @@ def build_model(impl, *, preset="tiny", model_path=None, lora_r=0, gradient_chec
     return model
 
 
+def make_optimizer(model, *, lr=1e-4, device="cpu"):
+    """AdamW over the trainable parameters, fused on CUDA as transformers' Trainer does by default
+    (``optim="adamw_torch_fused"``)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=torch.device(device).type == "cuda")
+
+
 def train_run(model, batches, *, impl, lr=1e-4, device="cpu", progress=None, log_every=0, log=print) -> RunResult:
     """Train ``model`` on ``batches`` (AdamW); the loss and the wall time of every step."""
     import torch
 
     cuda = torch.device(device).type == "cuda"
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = make_optimizer(model, lr=lr, device=device)
     model.train()
     if cuda:
         torch.cuda.synchronize()
@@ -234,5 +242,5 @@ def plot(results, path, title=""):
     fig.savefig(path, dpi=110)
 
 
-__all__ = ["IMPLS", "RunResult", "build_model", "compare", "make_batches", "plot", "stdlib_corpus", "table",
-           "token_stream", "train_run"]
+__all__ = ["IMPLS", "RunResult", "build_model", "compare", "make_batches", "make_optimizer", "plot", "stdlib_corpus",
+           "table", "token_stream", "train_run"]

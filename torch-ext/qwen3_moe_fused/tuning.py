@@ -39,7 +39,7 @@ CANDIDATES = {  # the first of each list is the default
     "gate_up": [_config(128, 64, 8, 4), _config(64, 64, 4, 4), _config(128, 64, 8, 3), _config(64, 128, 4, 3)],
     "grouped_gemm": [_config(256, 64, 8, 4), _config(128, 64, 8, 4), _config(128, 64, 4, 4), _config(256, 64, 8, 3)],
     "thin": [_config(16, 128, 4, 3), _config(16, 64, 4, 4), _config(16, 256, 4, 2), _config(16, 64, 2, 4)],
-    "dgrad": [_config(128, 128, 8, 3), _config(128, 64, 8, 4), _config(64, 128, 4, 3), _config(256, 64, 8, 3)],
+    "dgrad": [_config(64, 64, 8, 4), _config(64, 128, 8, 3), _config(128, 128, 8, 3), _config(128, 64, 8, 4)],
     "wgrad": [_config(128, 64, 8, 4, BLOCK_M=128), _config(256, 64, 8, 4, BLOCK_M=128),
               _config(128, 128, 8, 3, BLOCK_M=128), _config(128, 64, 8, 3, BLOCK_M=128)],
 }
