@@ -67,3 +67,17 @@ def kernel(hub_revision):
     import kernels
 
     return kernels.get_kernel(REPO_ID, version=1)
+
+
+@pytest.fixture(scope="session")
+def transformers457() -> Path:
+    """A folder with transformers 4.57.1 for subprocesses (tests/legacy.py). Without network it is skipped, except
+    in CI (CI set), where a missing 4.57 is an error."""
+    import legacy
+
+    try:
+        return legacy.install()
+    except RuntimeError as err:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(err))

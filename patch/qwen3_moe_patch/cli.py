@@ -5,6 +5,7 @@
     qwen3-moe-fused check [--project DIR] [--steps N] [--device cpu|cuda] [--dtype float32|bfloat16]
     qwen3-moe-fused train [--preset tiny|30b-a3b-4layers | --model PATH] [--impl fused --impl grouped_mm ...]
                           [--lora-r R] [--gradient-checkpointing] [--data FILE] [--steps N] [--seq S] [--out DIR]
+    qwen3-moe-fused convert SRC DST --to stacked|per-expert [--max-shard-size 5GB] [--config-for transformers4]
 """
 
 import argparse
@@ -159,6 +160,28 @@ def _train_command(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    """A model checkpoint or, when SRC holds adapter_config.json, a PEFT LoRA adapter."""
+    if (Path(args.src) / "adapter_config.json").exists():
+        from .adapters import convert_adapter
+
+        if args.max_shard_size or args.config_for:
+            print("--max-shard-size and --config-for apply to model checkpoints, not to adapters", file=sys.stderr)
+            return 2
+        summary = convert_adapter(args.src, args.dst, to=args.to)
+        ranks = ", ".join(f"{name}_proj r{p['rank']} alpha {p['alpha']}" for name, p in summary["projections"].items())
+        print(f"{args.dst}: LoRA adapter {summary['from']} -> {summary['to']}, {summary['layers']} layers ({ranks})")
+        return 0
+    from .checkpoints import convert_checkpoint
+
+    summary = convert_checkpoint(args.src, args.dst, to=args.to, max_shard_size=args.max_shard_size,
+                                 config_for=args.config_for)
+    print(f"{args.dst}: experts {summary['from']} -> {summary['to']}, {summary['input_shards']} -> "
+          f"{summary['output_shards']} shards, {summary['bytes'] / 2**20:.1f} MiB of tensors "
+          f"(shards of at most {summary['max_shard_bytes'] / 2**20:.1f} MiB)")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="qwen3-moe-fused", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,8 +220,18 @@ def main(argv=None) -> int:
     tr.add_argument("--log-every", type=int, default=10, help="one summary line every N steps (0: none)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.add_argument("--out", help="folder for train.json and, with several --impl, loss.png")
+    conv = sub.add_parser("convert", help="experts' checkpoint or LoRA adapter: per-expert <-> stacked, losslessly")
+    conv.add_argument("src", help="checkpoint folder (safetensors) or PEFT adapter folder")
+    conv.add_argument("dst", help="output folder (new or without weights)")
+    conv.add_argument("--to", required=True, choices=["stacked", "per-expert"],
+                      help="per-expert: transformers 4.x/5.x on-disk keys and per-expert LoRA; stacked: 5.x parameters "
+                           "(gate_up_proj/down_proj) and PEFT target_parameters LoRA")
+    conv.add_argument("--max-shard-size", help="model output shard size, e.g. 5GB; default: the largest input shard")
+    conv.add_argument("--config-for", choices=["transformers4"],
+                      help="also write num_experts and rope_theta into config.json so transformers 4.x reads it")
     args = parser.parse_args(argv)
-    return {"build": _build, "lock": _lock, "check": _check, "train": _train_command}[args.command](args)
+    commands = {"build": _build, "lock": _lock, "check": _check, "train": _train_command, "convert": _convert}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":
