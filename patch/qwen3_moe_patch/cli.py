@@ -148,6 +148,7 @@ def _train_command(args) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "train.json").write_text(json.dumps({
+            "environment": train.environment(args.device),
             "setup": {**{k: v for k, v in vars(args).items() if k != "func"}, "description": what},
             "runs": [dataclasses.asdict(r) | {"tokens_per_second": r.tokens_per_second(), "final_loss": r.final_loss()}
                      for r in results]}, indent=1))

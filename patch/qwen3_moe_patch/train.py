@@ -214,6 +214,33 @@ def compare(impls, *, steps, batch, seq, seed=0, data=None, preset="tiny", model
     return results
 
 
+def environment(device="cpu") -> dict:
+    """Date, versions and device of a run, for its results file."""
+    import datetime
+    import platform
+
+    import torch
+    import transformers
+
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    for name in ("triton", "peft", "liger_kernel"):
+        try:
+            env[name] = __import__(name).__version__
+        except (ImportError, AttributeError):
+            pass
+    if torch.device(device).type == "cuda":
+        import subprocess
+
+        env["device"] = torch.cuda.get_device_name()
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            env["driver"] = "unknown"
+    return env
+
+
 def table(results, baseline="grouped_mm") -> str:
     """Markdown: tokens/s (and ÷ the baseline's), peak memory, final loss (mean of the last 10 steps)."""
     base = next((r for r in results if r.impl == baseline), None)
@@ -242,5 +269,5 @@ def plot(results, path, title=""):
     fig.savefig(path, dpi=110)
 
 
-__all__ = ["IMPLS", "RunResult", "build_model", "compare", "make_batches", "make_optimizer", "plot", "stdlib_corpus",
-           "table", "token_stream", "train_run"]
+__all__ = ["IMPLS", "RunResult", "build_model", "compare", "environment", "make_batches", "make_optimizer", "plot",
+           "stdlib_corpus", "table", "token_stream", "train_run"]
