@@ -14,6 +14,8 @@ op) and training amplifies it, so both bf16 curves (ours, grouped_mm) are compar
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ import torch
 from qwen3_moe_patch import train
 from qwen3_moe_patch.cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
 STEPS, BATCH, SEQ, LR = 20, 2, 48, 1e-3
 TOL = 2e-5
 
@@ -67,6 +70,13 @@ def test_train_cli_writes_results_and_loss_plot(tmp_path):
     assert [r["impl"] for r in result["runs"]] == ["fused", "grouped_mm"]
     assert all(len(r["losses"]) == 3 and r["tokens_per_second"] > 0 for r in result["runs"])
     assert (tmp_path / "loss.png").stat().st_size > 0
+    assert result["environment"]["torch"] == torch.__version__
+    # benchmarks/train_table.py merges such files (one per implementation on the GPU) into one table and plot
+    table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_table.py"), str(tmp_path / "train.json"),
+                            "--out", str(tmp_path / "table")], capture_output=True, text=True, check=True).stdout
+    assert "## tiny, full fine-tune, 2x32 tokens/step, float32" in table
+    assert "| fused | 3 |" in table and "| grouped_mm | 3 |" in table
+    assert (tmp_path / "table.png").stat().st_size > 0
 
 
 def test_unknown_impl_is_refused():
