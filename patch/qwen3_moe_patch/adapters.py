@@ -101,10 +101,9 @@ def _read_stacked(tensors, config):
                 raise ValueError(f"{prefix}: a stacked LoRA needs lora_A and lora_B, found {sorted(pair)}")
             by_shape[(pair["lora_A"].shape[1], pair["lora_B"].shape[0])] = pair
         dims = list(by_shape)
-        # gate_up: in = H, out = 2I; down: in = I, out = H  (tell them apart by which one's out is the other's in)
-        names = {}
+        # gate_up: in = H, out = 2I; down: in = I, out = H  (down's out is gate_up's in; never the other way round)
         if len(dims) == 2:
-            (in0, out0), (in1, out1) = dims
+            (_, out0), (in1, _) = dims
             names = {dims[0]: "down", dims[1]: "gate_up"} if out0 == in1 else {dims[0]: "gate_up", dims[1]: "down"}
         else:
             module = ".".join(p for p in config.get("target_parameters") or [] if _is_expert_target(p))
