@@ -158,6 +158,11 @@ def test_device_routing_matches_reference_routing(kernel):
         assert (covered == 1).all(), case
         real_tiles = sum(-(-c // 16) for c in ref.counts.tolist())
         assert (r.tile_expert >= 0).sum().item() == real_tiles
+        for height in (1, 4, 64):  # another kernel's tile height, rebuilt from the offsets, equals route's own table
+            bounds = kernel.kernels.routing.bounds_of(r.offsets, T * K)
+            rebuilt = kernel.kernels.routing.tile_table(bounds, T * K, height)
+            direct = route(index.to(DEVICE), E, block_m=height)
+            assert torch.equal(rebuilt[0], direct.tile_expert) and torch.equal(rebuilt[1], direct.tile_row), case
         assert (r.tile_expert == -2).sum().item() == -(-(T * K - n) // 16)
 
 

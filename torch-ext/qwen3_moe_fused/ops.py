@@ -33,7 +33,7 @@ def _triton():
         import triton.language as tl
 
         from . import kernels
-        from .kernels import combine, down_dgrad_dswiglu, expert_wgrad, gate_up_swiglu, grouped_gemm  # noqa: F401
+        from .kernels import combine, down_dgrad_dswiglu, expert_wgrad, gate_up_swiglu, grouped_gemm, routing  # noqa: F401
     except ImportError as err:
         raise ImportError(f"qwen3-moe-fused's kernels need Triton ({err}); install triton, or use CPU tensors") from err
     return triton, tl, kernels
@@ -219,15 +219,19 @@ def _experts_backward(
     partial_dtype = torch.float64 if acc == tl.float64 else torch.float32
 
     def launch(blocks, options):
+        # dgrad may run its own M-tile height (its epilogue fits in registers at 64 rows); its table is rebuilt
+        tile_m = blocks.get("BLOCK_M", block_m)
+        tiles = (tile_expert, tile_row) if tile_m == block_m else \
+            kernels.routing.tile_table(kernels.routing.bounds_of(offsets, T * K), T * K, tile_m)
         n_blocks = triton.cdiv(I, blocks["BLOCK_N"])
         ds_partial = torch.empty(n_blocks, T * K, dtype=partial_dtype, device=z.device)
-        kernels.down_dgrad_dswiglu.down_dgrad_dswiglu_kernel[(tile_expert.numel() * n_blocks,)](
+        kernels.down_dgrad_dswiglu.down_dgrad_dswiglu_kernel[(tiles[0].numel() * n_blocks,)](
             grad_out, down_proj, z, top_k_weights, dz, hs, ds_partial, row_pair_ptr=row_pair,
-            tile_expert_ptr=tile_expert, tile_row_ptr=tile_row, offsets_ptr=offsets, I=I, H=H, K_SLOTS=K,
+            tile_expert_ptr=tiles[0], tile_row_ptr=tiles[1], offsets_ptr=offsets, I=I, H=H, K_SLOTS=K,
             NUM_ROWS=T * K, stride_dt=grad_out.stride(0), stride_dh=grad_out.stride(1), stride_we=down_proj.stride(0),
             stride_wh=down_proj.stride(1), stride_wi=down_proj.stride(2), stride_st=top_k_weights.stride(0),
-            stride_sk=top_k_weights.stride(1), **lora_args, STORE_HS=store_hs, BLOCK_M=block_m, **blocks, ACC=acc,
-            PRECISION=_PRECISION, **options,
+            stride_sk=top_k_weights.stride(1), **lora_args, STORE_HS=store_hs, **dict(blocks, BLOCK_M=tile_m),
+            ACC=acc, PRECISION=_PRECISION, **options,
         )
         return ds_partial
 

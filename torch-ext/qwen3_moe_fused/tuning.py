@@ -15,8 +15,9 @@ Every GPU launch asks ``choose(kind, key, dtype, launch)`` for its block sizes a
 - the Triton interpreter: small blocks (``INTERPRETER``), unless a test forces a config with ``forced``.
 
 BLOCK_K is given for 2-byte dtypes and shrinks for wider ones so the shared-memory stages keep their size. The
-M-tile height of the tile-table kernels (gate_up, grouped_gemm, dgrad) is fixed per call by ``block_m_for``
-because the routing tables are built for it; wgrad has its own BLOCK_M.
+M-tile height of the tile-table kernels (gate_up, grouped_gemm, dgrad) is ``block_m_for``'s, which the routing
+tables are built for, unless a dgrad config names its own BLOCK_M (its table is then rebuilt from the offsets);
+wgrad has its own BLOCK_M.
 """
 
 import contextlib
@@ -39,7 +40,8 @@ CANDIDATES = {  # the first of each list is the default
     "gate_up": [_config(128, 64, 8, 4), _config(64, 64, 4, 4), _config(128, 64, 8, 3), _config(64, 128, 4, 3)],
     "grouped_gemm": [_config(256, 64, 8, 4), _config(128, 64, 8, 4), _config(128, 64, 4, 4), _config(256, 64, 8, 3)],
     "thin": [_config(16, 128, 4, 3), _config(16, 64, 4, 4), _config(16, 256, 4, 2), _config(16, 64, 2, 4)],
-    "dgrad": [_config(64, 64, 8, 4), _config(64, 128, 8, 3), _config(128, 128, 8, 3), _config(128, 64, 8, 4)],
+    "dgrad": [_config(64, 64, 8, 4, BLOCK_M=64), _config(64, 64, 8, 4), _config(64, 128, 8, 3),
+              _config(128, 128, 8, 3)],
     "wgrad": [_config(128, 64, 8, 4, BLOCK_M=128), _config(256, 64, 8, 4, BLOCK_M=128),
               _config(128, 128, 8, 3, BLOCK_M=128), _config(128, 64, 8, 3, BLOCK_M=128)],
 }

@@ -43,14 +43,28 @@ def route(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> DeviceRo
     pair_row = torch.empty_like(rows).index_put_((order,), rows)
     pair_row = torch.where(valid.reshape(-1), pair_row, -1)
 
+    tile_expert, tile_row = tile_table(bounds, num_rows, block_m)
+    return DeviceRouting(row_pair, pair_row, bounds[: num_experts + 1], tile_expert, tile_row)
+
+
+def tile_table(bounds: torch.Tensor, num_rows: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tile_expert, tile_row) of M-tiles of height ``block_m`` over the row buckets ``bounds`` (int32 [E + 2]:
+    E experts, then the dropped pairs, ending at ``num_rows``). A kernel may use its own tile height: the table
+    for another height is a few small torch ops on the routing's offsets (``bounds_of``)."""
+    num_experts = bounds.numel() - 2
     counts = (bounds[1:] - bounds[:-1]).to(torch.int64)
     tiles = (counts + block_m - 1) // block_m
     tile_end = torch.cumsum(tiles, 0)
-    tile_ids = torch.arange(max_tiles(num_rows, num_experts, block_m), device=device, dtype=torch.int64)
+    tile_ids = torch.arange(max_tiles(num_rows, num_experts, block_m), device=bounds.device, dtype=torch.int64)
     tile_expert = torch.searchsorted(tile_end, tile_ids, right=True)
     e = tile_expert.clamp(max=num_experts)
     tile_row = bounds[e].to(torch.int64) + (tile_ids - (tile_end[e] - tiles[e])) * block_m
     tile_expert = torch.where(tile_expert == num_experts, DROPPED, tile_expert)
     tile_expert = torch.where(tile_expert > num_experts, UNUSED, tile_expert).to(torch.int32)
     tile_row = torch.where(tile_expert == UNUSED, 0, tile_row).to(torch.int32)
-    return DeviceRouting(row_pair, pair_row, bounds[: num_experts + 1], tile_expert, tile_row)
+    return tile_expert, tile_row
+
+
+def bounds_of(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The row buckets of ``tile_table`` from a routing's expert offsets [E + 1] (the dropped pairs follow)."""
+    return torch.cat([offsets, torch.full((1,), num_rows, dtype=offsets.dtype, device=offsets.device)])
