@@ -3,6 +3,8 @@
     python benchmarks/bench_experts.py --build build --out results.json \
         [--shapes 30b-a3b 235b-a22b] [--tokens 1024 4096 16384 32768] [--routings uniform zipf hot30] [--lora-rank 16]
 
+(with the plugin importable: pip install -e ./patch, or PYTHONPATH=patch as gpu_session.sh sets it)
+
 Each implementation gets the same inputs (bf16, x ~ N(0,1), weights ~ N(0,0.02)) and computes
 out = experts(x, top_k_index, top_k_weights); fwd+bwd also takes gradients w.r.t. x, top_k_weights and both
 expert weights (full fine-tuning, TFLOP/s counting 6·T·K·H·I fwd and 18·T·K·H·I fwd+bwd). Routings: uniform =
@@ -18,10 +20,7 @@ dense bf16 matmul rate of this run) and one row per (shape, T, routing, implemen
 
 import argparse
 import csv
-import datetime
 import json
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -175,18 +174,10 @@ def _dense_tflops():
 
 
 def _environment():
-    import transformers
+    """Date, device, driver and versions (the plugin's own record, as in its train.json)."""
+    from qwen3_moe_patch.train import environment
 
-    try:
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True).stdout.strip()
-    except OSError:
-        driver = "unknown"
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(), "driver": driver, "python": platform.python_version(),
-        "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
-    }
+    return environment("cuda")
 
 
 FIELDS = ("shape", "routing", "impl", "mode", "T", "H", "I", "E", "K", "max_rows_per_expert", "fwd_ms", "fwd_bwd_ms",

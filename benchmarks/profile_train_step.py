@@ -5,7 +5,8 @@
 
 Same model, data and optimizer as ``qwen3-moe-fused train`` (qwen3_moe_patch.train): after three untimed steps,
 one step (forward, backward, AdamW) runs under the profiler. Categories come from kernel names (experts =
-this project's Triton kernels or torch's grouped GEMMs; attention = the SDPA kernels; gemm = the other matrix
+this project's Triton kernels, Liger's or torch's grouped GEMMs, not grouped_mm's gathers and scatters, which
+fall under elementwise; attention = the SDPA kernels; gemm = the other matrix
 products; optimizer = AdamW; elementwise = everything else).
 """
 
@@ -17,7 +18,7 @@ import torch
 
 CATEGORIES = (  # first match wins; lower-case substrings of kernel names
     ("experts", ("gate_up_swiglu", "grouped_gemm_kernel", "down_dgrad_dswiglu", "expert_wgrad", "combine_kernel",
-                 "grouped", "fused_moe")),
+                 "groupproblemshape", "fused_moe")),  # torch's grouped GEMMs: CUTLASS kernels on GroupProblemShape
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
     ("optimizer", ("adam", "multi_tensor")),
     ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "sm90", "cublas")),

@@ -106,7 +106,7 @@ def test_seed_layouts_fused_and_merged(model, tmp_path):
         fresh = make_model("tiny", seed=11)
         assert load_checkpoint_into_model(fresh, folder) == ([], [])
         assert_bitwise_equal(fresh.state_dict(), model.state_dict())
-    assert out[f"model.layers.0.mlp.experts.gate_proj"].shape == (E, I, config["hidden_size"])
+        assert out["model.layers.0." + name.format(p="gate")].shape == (E, I, config["hidden_size"])
 
 
 def test_clear_errors(model, tmp_path):
