@@ -9,7 +9,9 @@ that drift and nothing more: the control test shows that a 1 % change of the lea
 any indexing or routing bug, already moves the curve by more than 100× the tolerance.
 GPU: bfloat16 over 200 steps (tests marked gpu); bf16 rounding differs between implementations (≈ 3e-3 per
 op) and training amplifies it, so both bf16 curves (ours, grouped_mm) are compared with the float32 curve
-(smoothed over 20 steps): ours may not drift from it more than twice as far as grouped_mm does.
+(smoothed over 20 steps): ours may not drift from it more than twice as far as grouped_mm does. The model is the
+tiny preset at hidden size 256: at 64, LoRA cannot lower the loss (its random embeddings, lm_head and norms are
+frozen, which caps the logits at about ±1.3), and a flat curve would show no drift.
 """
 
 import json
@@ -30,11 +32,11 @@ TOL = 2e-5
 
 
 def _curves(kernel, impls, lora_r=0, gradient_checkpointing=False, lr=LR, device="cpu", dtype="float32",
-            steps=STEPS, layers=1):
+            steps=STEPS, **config):
     results = train.compare(impls, steps=steps, batch=BATCH, seq=SEQ, seed=0, preset="tiny", lora_r=lora_r,
                             gradient_checkpointing=gradient_checkpointing, device=device, dtype=dtype, lr=lr,
                             kernel=kernel, show_progress=False, log=lambda *_: None,
-                            config_overrides=dict(num_hidden_layers=layers))
+                            config_overrides=dict(num_hidden_layers=1) | config)
     return {r.impl: r.losses for r in results}
 
 
@@ -89,16 +91,16 @@ def test_unknown_impl_is_refused():
 @pytest.mark.parametrize("lora_r", [0, 8], ids=["full", "lora"])
 def test_gpu_bfloat16_200_steps_track_float32_as_closely_as_grouped_mm(kernel, lora_r, gradient_checkpointing):
     lr = LR * (10 if lora_r else 1)
+    model = dict(num_hidden_layers=4, hidden_size=256)
     bf16 = _curves(kernel, ["fused", "grouped_mm"], lora_r, gradient_checkpointing, lr=lr, device="cuda",
-                   dtype="bfloat16", steps=200, layers=4)
+                   dtype="bfloat16", steps=200, **model)
     fp32 = _curves(kernel, ["grouped_mm"], lora_r, gradient_checkpointing, lr=lr, device="cuda", dtype="float32",
-                   steps=200, layers=4)["grouped_mm"]
+                   steps=200, **model)["grouped_mm"]
 
     def smooth(c):  # mean over windows of 20 steps
         return [sum(c[i:i + 20]) / 20 for i in range(0, len(c), 20)]
 
     fused, base, exact = smooth(bf16["fused"]), smooth(bf16["grouped_mm"]), smooth(fp32)
-    assert exact[-1] < exact[0] - 0.2
     ours = max(abs(a - b) for a, b in zip(fused, exact))
     stock = max(abs(a - b) for a, b in zip(base, exact))
     if os.environ.get("QWEN3_MOE_FUSED_RESULTS"):  # the agreement figures, for benchmarks/gpu_train.sh
@@ -106,5 +108,6 @@ def test_gpu_bfloat16_200_steps_track_float32_as_closely_as_grouped_mm(kernel, l
         Path(os.environ["QWEN3_MOE_FUSED_RESULTS"], name).write_text(json.dumps({
             "fused_vs_fp32": ours, "grouped_mm_vs_fp32": stock, "fused_vs_grouped_mm_raw_max": max(
                 abs(a - b) for a, b in zip(bf16["fused"], bf16["grouped_mm"])), "curves": {**bf16, "fp32": fp32}}))
+    assert exact[-1] < exact[0] - 0.2  # the curves follow a trajectory that learns
     # bf16 training drifts from the float32 trajectory; ours may drift no more than twice as far as stock HF
     assert ours <= 2 * stock + 1e-3, f"fused bf16 vs fp32 {ours:.3e}, grouped_mm bf16 vs fp32 {stock:.3e}"
