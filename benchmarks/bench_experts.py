@@ -82,7 +82,8 @@ def _implementations(kernel, shape, which):
 
 
 def _lora_implementations(kernel, shape, rank, w1, w2, gen):
-    """({name: fn(x, index, weights)}, LoRA parameters): stock PEFT and ours on one PEFT-wrapped experts module."""
+    """({name: fn(x, index, weights)}, LoRA parameters, the module): stock PEFT and ours on one PEFT-wrapped
+    experts module."""
     from peft import LoraConfig, inject_adapter_in_model
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
@@ -106,7 +107,7 @@ def _lora_implementations(kernel, shape, rank, w1, w2, gen):
 
     impls = {f"qwen3-moe-fused LoRA r{rank}": fused,
              f"PEFT LoRA r{rank} (grouped_mm)": lambda x, index, weights: holder.experts(x, index, weights)}
-    return impls, lora
+    return impls, lora, holder
 
 
 def _saved_bytes_per_token(fn, args, params, T):
@@ -254,7 +255,7 @@ def main():
                 x, weights, w1, w2 = leaves
                 runs = [("full", fn, (x, index, weights, w1, w2), leaves, (w1, w2), 18) for fn in impls.items()]
                 if args.lora_rank:
-                    lora_impls, lora = _lora_implementations(kernel, shape, args.lora_rank, w1, w2, gen)
+                    lora_impls, lora, _ = _lora_implementations(kernel, shape, args.lora_rank, w1, w2, gen)
                     runs += [(f"lora r{args.lora_rank}", fn, (x, index, weights), [x, weights, *lora],
                               (w1, w2, *lora), 12) for fn in lora_impls.items()]
                 counts = torch.bincount(index.flatten(), minlength=shape["E"])

@@ -4,8 +4,10 @@
 
 Runs with the same setup except ``--impl`` (and ``--steps``) saw the same batches from the same weights (same
 seed), so their losses compare step by step. Writes NAME.md (table per setup: tokens/s, × grouped_mm, × eager,
-peak memory, final loss, largest loss difference from grouped_mm over the common steps), NAME.json (the runs and
-environments) and NAME.png (loss curves, one panel per setup).
+peak memory, final loss, largest loss difference from grouped_mm over the common steps, raw and between means
+over windows of 20 steps: bfloat16 runs differ step by step by their rounding, the means show any drift; and,
+where the runs include a float32 grouped_mm run of the same setup, between means vs that reference),
+NAME.json (the runs and environments) and NAME.png (loss curves, one panel per setup).
 """
 
 import argparse
@@ -13,15 +15,27 @@ import json
 from pathlib import Path
 
 
-def _setup_key(setup):
+def _setup_key(setup, dtype=None):
     return (setup.get("preset"), setup.get("model"), setup["lora_r"], setup["gradient_checkpointing"], setup["batch"],
-            setup["seq"], setup["dtype"], setup["seed"])
+            setup["seq"], dtype or setup["dtype"], setup["seed"])
 
 
 def _label(setup):
     kind = f"LoRA r{setup['lora_r']}" if setup["lora_r"] else "full fine-tune"
     gc = ", gradient checkpointing" if setup["gradient_checkpointing"] else ""
     return f"{setup.get('model') or setup['preset']}, {kind}{gc}, {setup['batch']}x{setup['seq']} tokens/step, {setup['dtype']}"
+
+
+def _window_means(losses, window):
+    return [sum(losses[i:i + window]) / window for i in range(0, len(losses) - window + 1, window)]
+
+
+def _gaps(losses, base, window=20):
+    """Largest |loss − base| over the common steps, raw and between means of ``window`` steps."""
+    n = min(len(losses), len(base))
+    w = min(window, n)
+    smooth = zip(_window_means(losses[:n], w), _window_means(base[:n], w))
+    return max(abs(a - b) for a, b in zip(losses, base)), max(abs(a - b) for a, b in smooth)
 
 
 def main():
@@ -42,21 +56,27 @@ def main():
              + ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "transformers", "peft", "liger_kernel") if k in env),
              "", "tokens/s: steady state (first two steps left out); peak: torch.cuda.max_memory_allocated over the run "
              "(weights, gradients, AdamW states, activations); Δloss: largest |loss − grouped_mm's loss| over the steps "
-             "both ran (same batches, same initial weights).", ""]
+             "both ran (same batches, same initial weights), per step and between means over 20 steps.", ""]
     for setup, runs in groups.values():
         by_impl = {r["impl"]: r for r in runs}
         base, eager = by_impl.get("grouped_mm"), by_impl.get("eager")
-        lines += [f"## {_label(setup)}", "", "| impl | steps | tokens/s | × grouped_mm | × eager | peak GiB | final loss "
-                  "| Δloss vs grouped_mm |", "|---|---|---|---|---|---|---|---|"]
+        exact = None  # the float32 grouped_mm run of a bfloat16 setup, when there is one
+        if setup["dtype"] != "float32":
+            exact = next((r for r in groups.get(_setup_key(setup, "float32"), (None, []))[1]
+                          if r["impl"] == "grouped_mm"), None)
+        lines += [f"## {_label(setup)}", "", "| impl | steps | tokens/s | × grouped_mm | × eager | peak MiB | final loss "
+                  "| Δloss vs grouped_mm | Δ 20-step means |" + (" Δ 20-step means vs float32 |" if exact else ""),
+                  "|---|---|---|---|---|---|---|---|---|" + ("---|" if exact else "")]
         for r in runs:
             tps = r["tokens_per_second"]
             vs_base = f"{tps / base['tokens_per_second']:.2f}" if base else "–"
             vs_eager = f"{tps / eager['tokens_per_second']:.1f}" if eager else "–"
-            diff = "–"
+            diff = smooth = "–"
             if base and r is not base:
-                diff = f"{max(abs(a - b) for a, b in zip(r['losses'], base['losses'])):.2e}"
+                diff, smooth = (f"{g:.2e}" for g in _gaps(r["losses"], base["losses"]))
             lines.append(f"| {r['impl']} | {len(r['losses'])} | {tps:.0f} | {vs_base} | {vs_eager} | "
-                         f"{r['peak_mib'] / 1024:.1f} | {r['final_loss']:.4f} | {diff} |")
+                         f"{r['peak_mib']:.0f} | {r['final_loss']:.4f} | {diff} | {smooth} |"
+                         + (f" {_gaps(r['losses'], exact['losses'])[1]:.2e} |" if exact else ""))
         lines.append("")
     out = Path(args.out)
     out.with_suffix(".md").write_text("\n".join(lines))
