@@ -5,6 +5,7 @@ float32 and float16 (the interpreter's bfloat16 dot is broken); tests marked ``g
 Qwen3-30B-A3B shapes on a CUDA device.
 """
 
+import weakref
 import zlib
 
 import pytest
@@ -184,6 +185,35 @@ def test_opcheck(kernel, with_lora):
     if not with_lora:
         bwd_args = bwd_args[:-1] + ([True] * 4 + [False] * 4,)
     torch.library.opcheck(ops.experts_backward, bwd_args)
+
+
+def test_backward_frees_row_buffers_before_the_weight_gradients(kernel, monkeypatch):
+    """The [TK, H] dx rows and hs [TK, I] die before gate_up's weight gradient (the largest) is allocated: a
+    layer's backward high-water mark is where a training step peaks."""
+    leaves, index, grad_out = _problem("uniform", torch.float32, 19)
+    factors = _lora_factors(leaves[2], leaves[3], (4, 3), 19)
+    ops = kernel.ops
+    args = _op_args(kernel, leaves, index, ops.block_m_for(index.numel(), leaves[2].shape[0]), factors)
+    _, z, xa, ha = ops.experts_forward(*args)
+    plain = [t.detach() if isinstance(t, torch.Tensor) else t for t in args]
+    buffers, checked = {}, []
+    combine, wgrad = ops._combine, ops._expert_wgrad
+
+    def spy_combine(rows, *rest):
+        buffers["dx_rows"] = weakref.ref(rows)
+        return combine(rows, *rest)
+
+    def spy_wgrad(a, b, routing, out, *rest, **options):
+        if out.shape == leaves[3].shape:  # down's gradient reads hs
+            buffers["hs"] = weakref.ref(a)
+        if out.shape == leaves[2].shape:
+            checked.append({name: ref() is None for name, ref in buffers.items()})
+        return wgrad(a, b, routing, out, *rest, **options)
+
+    monkeypatch.setattr(ops, "_combine", spy_combine)
+    monkeypatch.setattr(ops, "_expert_wgrad", spy_wgrad)
+    ops.experts_backward(grad_out.float(), *plain[:4], z, xa, ha, *plain[4:], [True] * 8)
+    assert checked == [{"dx_rows": True, "hs": True}]
 
 
 def test_torch_compile_fullgraph_matches_eager(kernel):

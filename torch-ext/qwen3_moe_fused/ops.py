@@ -243,30 +243,34 @@ def _experts_backward(
     dzb = None
     if gate_up_a is not None and (need_hidden or need_gu_a):
         dzb = _grouped_gemm(dz, gate_up_b, 1, 2, routing, block_m, scale=gate_up_scale)
+    # Buffers die as soon as their last reader is done (the [TK, H] dx rows before any weight gradient is
+    # allocated, hs before gate_up's): the layer's backward high-water mark is what sets a training step's peak.
     if need_hidden:
         dx_rows = _grouped_gemm(dz, gate_up_proj, 1, 2, routing, block_m,
                                 lora=(dzb, gate_up_a, 2, 1) if dzb is not None else None)
         grads[0] = _combine(dx_rows, None, pair_row, hidden.new_empty(T, H))
-    if need_gate_up:
-        grads[2] = _expert_wgrad(dz, hidden, routing, torch.empty_like(gate_up_proj, memory_format=torch.contiguous_format),
-                                 1, 2, gather_slots=K)
+        del dx_rows
     if need_down:
         grads[3] = _expert_wgrad(hs, grad_out, routing, torch.empty_like(down_proj, memory_format=torch.contiguous_format),
                                  2, 1, gather_slots=K)
+    if need_down_a:
+        grads[6] = _expert_wgrad(dob, hs, routing, torch.empty_like(down_a, memory_format=torch.contiguous_format),
+                                 1, 2)
+    del hs, dob
+    if need_down_b:
+        exact = torch.promote_types(z.dtype, torch.float32)  # weight the thin [TK, r] rows in fp32, round once
+        row_weight = top_k_weights.reshape(-1)[row_pair.long()].to(exact)  # routing weight of each row
+        grads[7] = _expert_wgrad((ha.to(exact) * row_weight[:, None]).to(z.dtype), grad_out, routing,
+                                 torch.empty_like(down_b, memory_format=torch.contiguous_format), 2, 1, gather_slots=K)
+    if need_gate_up:
+        grads[2] = _expert_wgrad(dz, hidden, routing, torch.empty_like(gate_up_proj, memory_format=torch.contiguous_format),
+                                 1, 2, gather_slots=K)
     if need_gu_a:
         grads[4] = _expert_wgrad(dzb, hidden, routing, torch.empty_like(gate_up_a, memory_format=torch.contiguous_format),
                                  1, 2, gather_slots=K)
     if need_gu_b:
         grads[5] = _expert_wgrad(dz, xa, routing, torch.empty_like(gate_up_b, memory_format=torch.contiguous_format),
                                  1, 2)
-    if need_down_a:
-        grads[6] = _expert_wgrad(dob, hs, routing, torch.empty_like(down_a, memory_format=torch.contiguous_format),
-                                 1, 2)
-    if need_down_b:
-        exact = torch.promote_types(z.dtype, torch.float32)  # weight the thin [TK, r] rows in fp32, round once
-        row_weight = top_k_weights.reshape(-1)[row_pair.long()].to(exact)  # routing weight of each row
-        grads[7] = _expert_wgrad((ha.to(exact) * row_weight[:, None]).to(z.dtype), grad_out, routing,
-                                 torch.empty_like(down_b, memory_format=torch.contiguous_format), 2, 1, gather_slots=K)
     return grads
 
 
