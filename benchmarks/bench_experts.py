@@ -27,30 +27,34 @@ from pathlib import Path
 import torch
 import triton
 
-SHAPES = {"30b-a3b": dict(H=2048, I=768, E=128, K=8), "235b-a22b": dict(H=4096, I=1536, E=128, K=8)}
+SHAPES = {"30b-a3b": dict(H=2048, I=768, E=128, K=8), "235b-a22b": dict(H=4096, I=1536, E=128, K=8),
+          "small": dict(H=128, I=64, E=8, K=2)}  # small: for Triton's interpreter (accuracy.py --device cpu)
+# Where and in which dtype the inputs live; accuracy.py --device cpu --dtype float16 changes them (the
+# interpreter's bfloat16 dot is broken).
+DEVICE, DTYPE = "cuda", torch.bfloat16
 
 
 ROUTINGS = ("uniform", "zipf", "hot30")
 
 
 def _routing(kind, T, E, K, H, gen):
-    """(x bf16 [T, H], top_k_index [T, K], top_k_weights bf16 [T, K]) for routing ``kind``."""
-    x = torch.randn(T, H, device="cuda", generator=gen)
-    router = torch.randn(E, H, device="cuda", generator=gen) * 0.02
+    """(x [T, H], top_k_index [T, K], top_k_weights [T, K]) in DTYPE for routing ``kind``."""
+    x = torch.randn(T, H, device=DEVICE, generator=gen)
+    router = torch.randn(E, H, device=DEVICE, generator=gen) * 0.02
     probs = torch.softmax(x @ router.t(), dim=-1, dtype=torch.float32)
     if kind == "zipf":
-        zipf = 1.0 / torch.arange(1, E + 1, device="cuda", dtype=torch.float32)
+        zipf = 1.0 / torch.arange(1, E + 1, device=DEVICE, dtype=torch.float32)
         index = torch.multinomial(zipf.expand(T, E).contiguous(), K, replacement=False, generator=gen)
     elif kind == "hot30":
         index = probs.topk(K, dim=-1).indices
-        hot = torch.rand(T, device="cuda", generator=gen) < 0.3
+        hot = torch.rand(T, device=DEVICE, generator=gen) < 0.3
         has_zero = (index == 0).any(-1)
         index[hot & ~has_zero, K - 1] = 0  # the token's last slot goes to expert 0 (slots stay distinct)
     else:
         index = probs.topk(K, dim=-1).indices
     weights = probs.gather(1, index)
     weights = weights / weights.sum(-1, keepdim=True)
-    return x.bfloat16(), index, weights.bfloat16()
+    return x.to(DTYPE), index, weights.to(DTYPE)
 
 
 def _implementations(kernel, shape, which):
@@ -64,7 +68,7 @@ def _implementations(kernel, shape, which):
         if name in which:
             cfg = Qwen3MoeConfig(hidden_size=shape["H"], moe_intermediate_size=shape["I"], num_experts=shape["E"],
                                  num_experts_per_tok=shape["K"], experts_implementation=name)
-            module = Qwen3MoeExperts(cfg).to("cuda", torch.bfloat16)
+            module = Qwen3MoeExperts(cfg).to(DEVICE, DTYPE)
 
             def run(x, idx, w, w1, w2, module=module):
                 module.gate_up_proj, module.down_proj = w1, w2  # same Parameters as the others
@@ -91,7 +95,7 @@ def _lora_implementations(kernel, shape, rank, w1, w2, gen):
     holder = torch.nn.Module()
     cfg = Qwen3MoeConfig(hidden_size=shape["H"], moe_intermediate_size=shape["I"], num_experts=shape["E"],
                          num_experts_per_tok=shape["K"], experts_implementation="grouped_mm")
-    holder.experts = Qwen3MoeExperts(cfg).to("cuda", torch.bfloat16)
+    holder.experts = Qwen3MoeExperts(cfg).to(DEVICE, DTYPE)
     holder.experts.gate_up_proj = torch.nn.Parameter(w1.detach(), requires_grad=False)
     holder.experts.down_proj = torch.nn.Parameter(w2.detach(), requires_grad=False)
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank,
@@ -99,7 +103,7 @@ def _lora_implementations(kernel, shape, rank, w1, w2, gen):
     lora = [p for n, p in holder.named_parameters() if "lora_" in n]
     with torch.no_grad():  # B starts at zero; give the adapters values
         for p in lora:
-            p.copy_(torch.randn(p.shape, device="cuda", generator=gen) * 0.02)
+            p.copy_(torch.randn(p.shape, device=DEVICE, generator=gen) * 0.02)
 
     def fused(x, index, weights):
         experts, factors = kernel.layers.peft_experts_lora(holder.experts)
@@ -189,10 +193,10 @@ FIELDS = ("shape", "routing", "impl", "mode", "T", "H", "I", "E", "K", "max_rows
 def _inputs(shape, routing, T, gen):
     H, I, E, K = shape["H"], shape["I"], shape["E"], shape["K"]
     x, index, weights = _routing(routing, T, E, K, H, gen)
-    w1 = (torch.randn(E, 2 * I, H, device="cuda", generator=gen) * 0.02).bfloat16()
-    w2 = (torch.randn(E, H, I, device="cuda", generator=gen) * 0.02).bfloat16()
+    w1 = (torch.randn(E, 2 * I, H, device=DEVICE, generator=gen) * 0.02).to(DTYPE)
+    w2 = (torch.randn(E, H, I, device=DEVICE, generator=gen) * 0.02).to(DTYPE)
     leaves = [t.requires_grad_() for t in (x, weights, torch.nn.Parameter(w1), torch.nn.Parameter(w2))]
-    dout = torch.randn(T, H, device="cuda", generator=gen).bfloat16()
+    dout = torch.randn(T, H, device=DEVICE, generator=gen).to(DTYPE)
     return leaves, index, dout
 
 
