@@ -3,7 +3,8 @@
 # tokens/step, full fine-tune and LoRA r16, every implementation in its own process under its own timeout; 200
 # steps for fused, grouped_mm and Liger, whose curves are then compared step by step, 5 for eager) and the GPU
 # tests (the bf16 200-step convergence-parity tests among them, which write their agreement figures); full32 and
-# lora32 run the float32 grouped_mm reference the table compares the bfloat16 curves with.
+# lora32 run the float32 grouped_mm reference the table compares the bfloat16 curves with (more than an H100's
+# 80 GB at 16384 tokens/step: on an H200, or with smaller --batch/--seq for every phase).
 # $OUT gets at most 8 files (the device tool's limit): one log per phase, the merged table/plot of every run so
 # far (train.json files and the autotuner's cache stay in /tmp, so a later call on the same machine adds to them)
 # and the parity figures in one file.

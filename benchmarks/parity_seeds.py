@@ -12,10 +12,6 @@ from pathlib import Path
 from qwen3_moe_patch import train
 
 
-def _means(losses, window=20):
-    return [sum(losses[i:i + window]) / window for i in range(0, len(losses) - window + 1, window)]
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--build", default="build", help="kernel build folder (qwen3-moe-fused build)")
@@ -29,18 +25,22 @@ def main():
 
     kernel = kernels.get_local_kernel(Path(args.build))
     common = dict(steps=args.steps, batch=2, seq=48, preset="tiny", lora_r=args.lora_r, device="cuda", lr=args.lr,
-                  kernel=kernel, show_progress=False, log=lambda *_: None, config_overrides=dict(num_hidden_layers=4, hidden_size=256))
+                  kernel=kernel, show_progress=False, log=lambda *_: None,
+                  config_overrides=dict(num_hidden_layers=4, hidden_size=256))  # as tests/test_train.py's GPU test
     rows = []
     for seed in args.seeds:
-        curves = {r.impl: r.losses for r in train.compare(["fused", "grouped_mm"], seed=seed, dtype="bfloat16", **common)}
+        runs = train.compare(["fused", "grouped_mm"], seed=seed, dtype="bfloat16", **common)
+        curves = {r.impl: r.losses for r in runs}
         curves["fp32"] = train.compare(["grouped_mm"], seed=seed, dtype="float32", **common)[0].losses
-        exact = _means(curves["fp32"])
-        gap = {impl: max(abs(a - b) for a, b in zip(_means(curves[impl]), exact)) for impl in ("fused", "grouped_mm")}
+        exact = train.window_means(curves["fp32"])
+        gap = {impl: max(abs(a - b) for a, b in zip(train.window_means(curves[impl]), exact))
+               for impl in ("fused", "grouped_mm")}
         rows.append({"seed": seed, "fused_vs_fp32": gap["fused"], "grouped_mm_vs_fp32": gap["grouped_mm"],
                      "fp32_first_last": [exact[0], exact[-1]], "curves": curves})
         print(f"seed {seed}: fused vs fp32 {gap['fused']:.3f}, grouped_mm vs fp32 {gap['grouped_mm']:.3f}, "
               f"fp32 {exact[0]:.3f} -> {exact[-1]:.3f}", flush=True)
-    Path(args.out).write_text(json.dumps({"environment": train.environment("cuda"), "setup": vars(args), "rows": rows}))
+    Path(args.out).write_text(json.dumps({"environment": train.environment("cuda"), "setup": vars(args),
+                                          "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
+from qwen3_moe_patch.train import window_means
+
 
 def _setup_key(setup, dtype=None):
     return (setup.get("preset"), setup.get("model"), setup["lora_r"], setup["gradient_checkpointing"], setup["batch"],
@@ -26,15 +28,11 @@ def _label(setup):
     return f"{setup.get('model') or setup['preset']}, {kind}{gc}, {setup['batch']}x{setup['seq']} tokens/step, {setup['dtype']}"
 
 
-def _window_means(losses, window):
-    return [sum(losses[i:i + window]) / window for i in range(0, len(losses) - window + 1, window)]
-
-
 def _gaps(losses, base, window=20):
     """Largest |loss − base| over the common steps, raw and between means of ``window`` steps."""
     n = min(len(losses), len(base))
     w = min(window, n)
-    smooth = zip(_window_means(losses[:n], w), _window_means(base[:n], w))
+    smooth = zip(window_means(losses[:n], w), window_means(base[:n], w))
     return max(abs(a - b) for a, b in zip(losses, base)), max(abs(a - b) for a, b in smooth)
 
 

@@ -97,10 +97,7 @@ def test_gpu_bfloat16_200_steps_track_float32_as_closely_as_grouped_mm(kernel, l
     fp32 = _curves(kernel, ["grouped_mm"], lora_r, gradient_checkpointing, lr=lr, device="cuda", dtype="float32",
                    steps=200, **model)["grouped_mm"]
 
-    def smooth(c):  # mean over windows of 20 steps
-        return [sum(c[i:i + 20]) / 20 for i in range(0, len(c), 20)]
-
-    fused, base, exact = smooth(bf16["fused"]), smooth(bf16["grouped_mm"]), smooth(fp32)
+    fused, base, exact = (train.window_means(c) for c in (bf16["fused"], bf16["grouped_mm"], fp32))
     ours = max(abs(a - b) for a, b in zip(fused, exact))
     stock = max(abs(a - b) for a, b in zip(base, exact))
     if os.environ.get("QWEN3_MOE_FUSED_RESULTS"):  # the agreement figures, for benchmarks/gpu_train.sh

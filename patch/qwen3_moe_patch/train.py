@@ -241,6 +241,12 @@ def environment(device="cpu") -> dict:
     return env
 
 
+def window_means(losses, window: int = 20) -> list:
+    """Means of consecutive ``window``-step blocks of a loss curve (a trailing partial block is left out): the
+    curves of two bfloat16 runs differ step by step by rounding noise; their block means show any drift."""
+    return [sum(losses[i:i + window]) / window for i in range(0, len(losses) - window + 1, window)]
+
+
 def table(results, baseline="grouped_mm") -> str:
     """Markdown: tokens/s (and ÷ the baseline's), peak memory, final loss (mean of the last 10 steps)."""
     base = next((r for r in results if r.impl == baseline), None)
@@ -270,4 +276,4 @@ def plot(results, path, title=""):
 
 
 __all__ = ["IMPLS", "RunResult", "build_model", "compare", "environment", "make_batches", "make_optimizer", "plot",
-           "stdlib_corpus", "table", "token_stream", "train_run"]
+           "stdlib_corpus", "table", "token_stream", "train_run", "window_means"]
