@@ -95,9 +95,11 @@ def _grouped_gemm(a, b, k_dim, n_dim, routing, block_m, gather_slots=0, lora=Non
     return c
 
 
-def _expert_wgrad(a, b, routing, out, m_dim, n_dim, gather_slots=0):
-    """out[e] (indexed on dims (m_dim, n_dim)) = Σ_{rows r of e} a[r]ᵀ ⊗ b[r or its token (gather_slots = K)]."""
+def _expert_wgrad(a, b, routing, like, m_dim, n_dim, gather_slots=0):
+    """out[e] (indexed on dims (m_dim, n_dim)) = Σ_{rows r of e} a[r]ᵀ ⊗ b[r or its token (gather_slots = K)]; out
+    is a new contiguous tensor shaped like ``like`` (the parameter whose gradient it is)."""
     triton, tl, kernels = _triton()
+    out = torch.empty_like(like, memory_format=torch.contiguous_format)
     row_pair, _, offsets, _, _ = routing
     M, N = a.shape[1], b.shape[1]
 
@@ -251,26 +253,21 @@ def _experts_backward(
         grads[0] = _combine(dx_rows, None, pair_row, hidden.new_empty(T, H))
         del dx_rows
     if need_down:
-        grads[3] = _expert_wgrad(hs, grad_out, routing, torch.empty_like(down_proj, memory_format=torch.contiguous_format),
-                                 2, 1, gather_slots=K)
+        grads[3] = _expert_wgrad(hs, grad_out, routing, down_proj, 2, 1, gather_slots=K)
     if need_down_a:
-        grads[6] = _expert_wgrad(dob, hs, routing, torch.empty_like(down_a, memory_format=torch.contiguous_format),
-                                 1, 2)
+        grads[6] = _expert_wgrad(dob, hs, routing, down_a, 1, 2)
     del hs, dob
     if need_down_b:
         exact = torch.promote_types(z.dtype, torch.float32)  # weight the thin [TK, r] rows in fp32, round once
         row_weight = top_k_weights.reshape(-1)[row_pair.long()].to(exact)  # routing weight of each row
-        grads[7] = _expert_wgrad((ha.to(exact) * row_weight[:, None]).to(z.dtype), grad_out, routing,
-                                 torch.empty_like(down_b, memory_format=torch.contiguous_format), 2, 1, gather_slots=K)
+        grads[7] = _expert_wgrad((ha.to(exact) * row_weight[:, None]).to(z.dtype), grad_out, routing, down_b, 2, 1,
+                                 gather_slots=K)
     if need_gate_up:
-        grads[2] = _expert_wgrad(dz, hidden, routing, torch.empty_like(gate_up_proj, memory_format=torch.contiguous_format),
-                                 1, 2, gather_slots=K)
+        grads[2] = _expert_wgrad(dz, hidden, routing, gate_up_proj, 1, 2, gather_slots=K)
     if need_gu_a:
-        grads[4] = _expert_wgrad(dzb, hidden, routing, torch.empty_like(gate_up_a, memory_format=torch.contiguous_format),
-                                 1, 2, gather_slots=K)
+        grads[4] = _expert_wgrad(dzb, hidden, routing, gate_up_a, 1, 2, gather_slots=K)
     if need_gu_b:
-        grads[5] = _expert_wgrad(dz, xa, routing, torch.empty_like(gate_up_b, memory_format=torch.contiguous_format),
-                                 1, 2)
+        grads[5] = _expert_wgrad(dz, xa, routing, gate_up_b, 1, 2)
     return grads
 
 
