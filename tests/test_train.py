@@ -79,6 +79,15 @@ def test_train_cli_writes_results_and_loss_plot(tmp_path):
     assert "## tiny, full fine-tune, 2x32 tokens/step, float32" in table
     assert "| fused | 3 |" in table and "| grouped_mm | 3 |" in table
     assert (tmp_path / "table.png").stat().st_size > 0
+    # a bfloat16 setup is also compared with the float32 grouped_mm run of the same setup, when there is one
+    assert main(["train", "--impl", "grouped_mm", "--dtype", "bfloat16", "--steps", "3", "--batch", "2", "--seq", "32",
+                 "--no-progress", "--out", str(tmp_path / "bf16")]) == 0
+    table = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_table.py"), str(tmp_path / "train.json"),
+                            str(tmp_path / "bf16" / "train.json"), "--out", str(tmp_path / "table")],
+                           capture_output=True, text=True, check=True).stdout
+    bf16 = table[table.index("## tiny, full fine-tune, 2x32 tokens/step, bfloat16"):]
+    row = next(line for line in bf16.splitlines() if line.startswith("| grouped_mm | 3 |"))
+    assert "Δ 20-step means vs float32" in bf16 and 0 < float(row.split("|")[-2]) < 0.1
 
 
 def test_unknown_impl_is_refused():
