@@ -1,19 +1,24 @@
-"""``patch_qwen3_moe`` / ``unpatch_qwen3_moe``: swap the forward of every Qwen3-MoE sparse MoE block.
+"""``patch_qwen3_moe`` / ``unpatch_qwen3_moe``: the fused kernel in every Qwen3-MoE sparse MoE block.
 
-Only ``forward`` of each block instance changes; parameters, buffers, their names, dtypes and devices stay
-as they are, so checkpoints save and load exactly as for the unpatched model. The instance ``forward`` that
-was there before (usually none; e.g. accelerate's hook wrapper) is kept on the block and put back by
-``unpatch_qwen3_moe``.
+Two things change, both undone by ``unpatch_qwen3_moe``: the ``forward`` of each block instance becomes the
+kernel's layer (router and experts called as modules), and the model's experts implementation becomes
+"qwen3_moe_fused" (``config._experts_implementation``, which transformers' experts dispatch reads at every call),
+so the fused computation runs inside each experts module's call, within whatever a distributed engine wrapped
+around it. Parameters, buffers, their names, dtypes and devices stay as they are, so checkpoints save and load
+exactly as for the unpatched model (the experts implementation is not saved in config.json). The instance
+``forward`` that was there before (usually none; e.g. accelerate's hook wrapper) is kept on the block and put
+back by ``unpatch_qwen3_moe``.
 """
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from types import MethodType, ModuleType
 
 from torch import nn
 
-from .experts_interface import register_experts_implementation
+from .experts_interface import IMPLEMENTATION_NAME, register_experts_implementation
 from .kernel_source import KernelSource, kernel_location
 from .versions import check_transformers
 
@@ -45,8 +50,56 @@ class PatchReport:
 
 
 def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every ``Qwen3MoeSparseMoeBlock`` under ``model`` (plain, PEFT- or Trainer-wrapped)."""
-    return [(name, m) for name, m in model.named_modules() if type(m).__name__ == LAYER_NAME]
+    """(name, module) of every transformers ``Qwen3MoeSparseMoeBlock`` under ``model`` (plain, PEFT- or
+    Trainer-wrapped), by class hierarchy: also the subclasses engines make (FSDP2's ``FSDPQwen3MoeSparseMoeBlock``)."""
+    try:
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+    except ImportError:
+        return []
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Qwen3MoeSparseMoeBlock)]
+
+
+def base_experts(block: nn.Module) -> nn.Module:
+    """The block's experts module itself, under any PEFT ``ParamWrapper`` around it."""
+    experts = block.experts
+    while not hasattr(experts, "gate_up_proj") and hasattr(experts, "base_layer"):
+        experts = experts.base_layer
+    return experts
+
+
+def _is_engine_wrapper(forward) -> bool:
+    """Whether an instance ``forward`` is one that calls the experts' own forward inside: transformers' TP/EP
+    experts forwards (``transformers.distributed``) and accelerate's hooks."""
+    function = getattr(forward, "func", forward)  # accelerate: functools.partial(new_forward, module)
+    module = getattr(function, "__module__", "") or ""
+    return module.startswith(("transformers.distributed.", "accelerate.hooks"))
+
+
+def _check_experts_dispatch(name: str, experts: nn.Module) -> None:
+    """Refuse experts whose forward would not reach transformers' experts dispatch (where the kernel runs)."""
+    forward = type(experts).forward
+    code = getattr(forward, "__code__", None)  # functools.wraps gives the dispatcher the class forward's names
+    if code is None or not code.co_qualname.startswith("use_experts_implementation."):
+        raise ValueError(
+            f"{name}.experts ({type(experts).__name__}) has forward {forward.__module__}.{forward.__qualname__}, not "
+            "transformers' experts dispatch, which is where patch_qwen3_moe runs the kernel; another library replaced "
+            "it: patch an unmodified model, or use that library's experts"
+        )
+    instance = experts.__dict__.get("forward")
+    if instance is not None and not _is_engine_wrapper(instance):
+        function = getattr(instance, "func", instance)
+        raise ValueError(
+            f"{name}.experts.forward was replaced on the instance by "
+            f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', repr(function))}, which may "
+            "not call the experts' own forward, where the kernel runs; patch_qwen3_moe serves transformers' TP/EP "
+            "experts forwards and accelerate's hooks: remove that replacement first"
+        )
+    current = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+    if current == "deepgemm_megamoe":
+        raise ValueError(
+            f"{name}.experts run DeepGEMM Mega MoE, a load-time choice that exchanges tokens inside its kernel; "
+            "load the model with another experts_implementation to patch it"
+        )
 
 
 def _check(model: nn.Module, blocks, mode) -> None:
@@ -57,9 +110,8 @@ def _check(model: nn.Module, blocks, mode) -> None:
             "models (Qwen3MoeForCausalLM and its heads)"
         )
     for name, block in blocks:
-        experts = block.experts
-        while not hasattr(experts, "gate_up_proj") and hasattr(experts, "base_layer"):
-            experts = experts.base_layer  # PEFT ParamWrapper around the experts
+        experts = base_experts(block)
+        _check_experts_dispatch(name, experts)
         act = type(getattr(experts, "act_fn", None)).__name__
         if act not in ("SiLUActivation", "SiLU"):
             raise ValueError(f"{name}: expert activation {act} is not supported; the kernel implements SiLU (SwiGLU)")
@@ -77,16 +129,17 @@ def _kernelize(blocks, source: KernelSource, mode) -> None:
     import kernels
 
     repo = source.layer_repository(LAYER_NAME)
-    for cls in {type(block) for _, block in blocks}:
-        if getattr(cls, "kernel_layer_name", None) != LAYER_NAME:
-            kernels.replace_kernel_forward_from_hub(cls, LAYER_NAME)
+    marked = [cls for cls in {type(block) for _, block in blocks} if "kernel_layer_name" not in cls.__dict__]
+    for cls in marked:
+        kernels.replace_kernel_forward_from_hub(cls, LAYER_NAME)
     try:
         for _, block in blocks:  # block by block: each on its own device (e.g. a model split over GPUs)
-            device = block.experts.gate_up_proj.device.type if hasattr(block.experts, "gate_up_proj") else (
-                next(block.parameters()).device.type)
+            device = base_experts(block).gate_up_proj.device.type
             with kernels.use_kernel_mapping({LAYER_NAME: {device: {mode: repo}}}, inherit_mapping=False):
                 kernels.kernelize(block, mode=mode, device=device, use_fallback=False)
     except Exception as err:
+        for cls in marked:  # leave transformers' classes as they were
+            del cls.kernel_layer_name
         raise RuntimeError(f"cannot kernelize with {source.label}: {type(err).__name__}: {err}") from err
 
 
@@ -110,9 +163,11 @@ def patch_qwen3_moe(
     ``repo_id`` (``$QWEN3_MOE_FUSED_REPO`` or org/qwen3-moe-fused) at ``version`` (``$QWEN3_MOE_FUSED_VERSION``,
     else the version tested with the installed torch). ``use_kernelize`` wires the layer in through
     ``kernels.kernelize`` (``mode``: a ``kernels.Mode``, default from ``model.training``); otherwise, or with
-    ``kernel``, each block's forward is bound to the kernel's layer directly. Also registers the fused experts
-    function as transformers experts implementation "qwen3_moe_fused" (same kernel). On any error the model is
-    left unchanged. Patching a patched model does nothing and says so.
+    ``kernel``, each block's forward is bound to the kernel's layer directly. The block layer calls the router and
+    the experts as modules; the experts compute through transformers experts implementation "qwen3_moe_fused"
+    (registered with the same kernel), which the patch selects in the model's config, so under FSDP2, ZeRO-3 and
+    transformers' TP/EP the kernel runs inside the engine's experts call, on local weights and local expert ids.
+    On any error the model is left unchanged. Patching a patched model does nothing and says so.
     """
     blocks = find_moe_blocks(model)
     kernelize = use_kernelize and kernel is None
@@ -140,12 +195,20 @@ def patch_qwen3_moe(
             raise RuntimeError(f"kernel {source.label} has no layers.{LAYER_NAME}")
         for _, block in blocks:
             block.forward = MethodType(layer.forward, block)
-    path, commit = kernel_location(blocks[0][1].forward.__func__)
+    layer_forward = blocks[0][1].forward.__func__
+    path, commit = kernel_location(layer_forward)
     report = PatchReport([n for n, _ in blocks], source.label, "kernelize" if kernelize else "forward",
                          str(mode) if kernelize else None, path, commit)
-    register_experts_implementation(source=source)
+    # The experts run the kernel package the block layer came from (kernelize imported it).
+    kernel_package = sys.modules[layer_forward.__module__.rpartition(".")[0]]
+    register_experts_implementation(source=KernelSource(source.label, module=kernel_package))
+    configs = {id(cfg): cfg for cfg in (base_experts(block).config for _, block in blocks)}
+    before = {key: cfg._experts_implementation for key, cfg in configs.items()}
+    for cfg in configs.values():
+        cfg._experts_implementation = IMPLEMENTATION_NAME
     for name, block in blocks:
-        block.__dict__[_MARK] = (report, previous[name])
+        cfg = base_experts(block).config
+        block.__dict__[_MARK] = (report, previous[name], cfg, before[id(cfg)])
     logger.info("%s", report)
     return report
 
@@ -158,9 +221,12 @@ def _restore(blocks, previous) -> None:
 
 
 def unpatch_qwen3_moe(model: nn.Module) -> int:
-    """Restore the forwards ``patch_qwen3_moe`` replaced; returns the number of blocks restored."""
+    """Restore the forwards and the experts implementation ``patch_qwen3_moe`` replaced (an implementation set
+    since then is kept); returns the number of blocks restored."""
     blocks = [(name, block) for name, block in find_moe_blocks(model) if _MARK in block.__dict__]
     _restore(blocks, {name: block.__dict__[_MARK][1] for name, block in blocks})
     for _, block in blocks:
-        del block.__dict__[_MARK]
+        _, _, cfg, before = block.__dict__.pop(_MARK)
+        if cfg._experts_implementation == IMPLEMENTATION_NAME:
+            cfg._experts_implementation = before
     return len(blocks)

@@ -1,12 +1,18 @@
 """Public functional API: validates inputs, then runs the experts on the best path for the tensors' device.
 
 CUDA tensors (and any tensors under ``TRITON_INTERPRET=1``) go through the Triton kernels (``ops``); other
-tensors through the pure-torch ``reference``, which says so once.
+tensors through the pure-torch ``reference``, which says so once. Distributed tensors: replicated DTensors are
+computed on locally; sharded ones are refused (``_localize``), since their expert ids and weights could not match.
 """
 
 import logging
 
 import torch
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = None
 
 from . import ops, reference
 from .kernels.routing import route
@@ -35,6 +41,22 @@ def _check_lora(lora, gate_up_proj, down_proj):
             )
         if a.dtype != w.dtype or b.dtype != w.dtype or a.device != w.device or b.device != w.device:
             raise TypeError(f"lora.{name} factors must have the weights' dtype {w.dtype} and device {w.device}")
+
+
+def _localize(name, t):
+    """``t`` itself, or the local tensor of a replicated DTensor; a sharded or partial DTensor is an error."""
+    if DTensor is None or not isinstance(t, DTensor):
+        return t
+    if all(p.is_replicate() for p in t.placements):
+        return t.to_local()
+    raise ValueError(
+        f"moe_experts got {name} as a DTensor placed {tuple(t.placements)} over a mesh of {t.device_mesh.size()} "
+        "ranks, i.e. split by expert or tensor parallelism (transformers' EP/TP plans) or by FSDP2 with the experts as "
+        "their own unit. Computing on its local shard with these expert ids would silently give a wrong result, so it "
+        "is refused. Call the experts module (block.experts(hidden, top_k_index, top_k_weights)) instead of reading "
+        "its weights: the engine's experts forward hands the kernel local weights and local expert ids "
+        "(patch_qwen3_moe and experts_implementation='qwen3_moe_fused' both do that)."
+    )
 
 
 def _check_inputs(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, activation):
@@ -80,11 +102,20 @@ def moe_experts(
 ) -> torch.Tensor:
     """Qwen3-MoE experts: out[t] = Σ_k w[t,k] · W2[e]·(silu(W1g[e]·x[t]) ⊙ W1u[e]·x[t]), e = top_k_index[t,k].
 
-    hidden [T, H]; top_k_index [T, K] integer (ids outside [0, E) are dropped); top_k_weights [T, K];
+    hidden [T, H]; top_k_index [T, K] integer, local to the weights given (ids outside [0, E) are dropped: zero
+    output and zero routing-weight gradient, transformers' expert-parallel sentinel contract); top_k_weights [T, K];
     gate_up_proj [E, 2I, H] (gate rows first); down_proj [E, H, I]. ``lora`` (``ExpertsLora``) makes each
     weight W + s·B·A without forming it (split LoRA: x·Aᵀ, then ·Bᵀ). Returns [T, H] in hidden's dtype.
-    Differentiable w.r.t. hidden, top_k_weights, both weights and the LoRA factors.
+    Differentiable w.r.t. hidden, top_k_weights, both weights and the LoRA factors. Replicated DTensors are used
+    locally; sharded DTensors raise ``ValueError``.
     """
+    hidden, top_k_index, top_k_weights, gate_up_proj, down_proj = (
+        _localize(name, t) for name, t in (("hidden", hidden), ("top_k_index", top_k_index),
+                                           ("top_k_weights", top_k_weights), ("gate_up_proj", gate_up_proj),
+                                           ("down_proj", down_proj)))
+    if lora is not None:
+        lora = ExpertsLora(*(None if t is None else _localize(f"lora.{field}", t)
+                             for field, t in zip(ExpertsLora._fields[:4], lora[:4])), *lora[4:])
     _check_inputs(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, activation)
     if lora is not None:
         _check_lora(lora, gate_up_proj, down_proj)

@@ -1,74 +1,104 @@
-"""Layers for ``kernels.kernelize``.
+"""Layers for ``kernels.kernelize``, and the experts function transformers' experts dispatch runs.
 
 kernelize replaces ``forward`` of each host module with the layer's ``forward`` (``self`` is the host module),
 so a layer has no ``__init__``, no members beyond ``forward``/``has_backward``/``can_torch_compile``, and a
 ``forward`` with the host's arity. Helpers live at module level.
+
+Two layers, one per host module:
+
+- ``Qwen3MoeSparseMoeBlock``: the MoE block. It calls its router and its experts *as modules* (``self.gate(...)``,
+  ``self.experts(...)``), so every hook an engine put on them fires: FSDP2 unit hooks, DeepSpeed ZeRO-3's
+  parameter fetch, transformers' TP/EP experts forwards (which hand the experts their local weights and local
+  expert ids), accelerate hooks, transformers' router-logit recorder.
+- ``Qwen3MoeExperts``: the experts module (``@use_experts_implementation`` classes with stacked SwiGLU experts).
+  Its forward is the fused computation on the module's own weights (with PEFT's LoRA factors when PEFT
+  parametrizes them). It is what transformers' experts implementation "qwen3_moe_fused" runs (the plugin
+  registers it), so under TP/EP it runs inside the engine's experts forward, on local shards and local ids.
 """
 
 import logging
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .functional import ExpertsLora, moe_experts
 
-__all__ = ["Qwen3MoeSparseMoeBlock", "peft_experts_lora"]
+__all__ = ["Qwen3MoeExperts", "Qwen3MoeSparseMoeBlock", "check_experts_layout"]
 
 _logger = logging.getLogger(__name__)
-_said_wrapped = False
+_said = set()
+
+# What ``@use_experts_implementation`` sets on an experts module, and the values this kernel computes.
+_REQUIRED_LAYOUT = (("has_gate", True), ("has_bias", False), ("is_transposed", False), ("is_concatenated", True),
+                    ("has_post_expert_norm", False))
 
 
-def peft_experts_lora(experts):
-    """(experts module, ExpertsLora or None) for experts wrapped by PEFT LoRA (``target_parameters``), or None
-    when the wrapping cannot run fused: several active adapters, low-precision (fp8) weights, a layout PEFT did not
-    transpose, or a disabled adapter that is merged (PEFT unmerges it in its own forward).
-
-    Reads PEFT's ``ParamWrapper`` duck-typed (``base_layer``, ``parameter_name``, ``get_delta_factors``): the
-    factors come from ``get_delta_factors`` (scaling, rsLoRA included; differentiable to lora_A / lora_B), and W + ΔW
-    is never formed. A merged adapter, or disabled adapters, mean the base weight alone."""
-    factors = {}
-    module = experts
-    while not hasattr(module, "gate_up_proj"):
-        if not all(hasattr(module, a) for a in ("base_layer", "parameter_name", "get_delta_factors", "lora_A")):
-            return None
-        adapters = [a for a in module.active_adapters if a in module.lora_A]
-        if module.disable_adapters and module.merged:
-            return None
-        if not (module.disable_adapters or module.merged) and adapters:
-            weight = getattr(module.get_base_layer(), module.parameter_name)
-            if len(adapters) > 1 or weight.dtype.itemsize < 2 or not module._did_swap_in_out_features:
-                return None
-            b, a, scale = module.get_delta_factors(adapters[0])  # B [E, out, r], A [E, r, in]
-            factors[module.parameter_name] = (a, b, scale)
-        module = module.base_layer
-    if not factors:
-        return module, None
-    gate_up = factors.get("gate_up_proj", (None, None, 1.0))
-    down = factors.get("down_proj", (None, None, 1.0))
-    return module, ExpertsLora(gate_up[0], gate_up[1], down[0], down[1], gate_up[2], down[2])
-
-
-def _materialized_experts(experts, hidden, selected_experts, routing_weights):
-    """Experts PEFT wraps in a way the kernel does not read: run the host's experts module (PEFT forms W + ΔW).
-    Said once."""
-    global _said_wrapped
-    if not _said_wrapped:
-        _said_wrapped = True
-        _logger.warning(
-            "qwen3-moe-fused: LoRA on the experts with several active adapters, fp8 weights or a merged disabled "
-            "adapter: these experts run through the model's own experts implementation with the materialised W + ΔW"
+def check_experts_layout(experts) -> None:
+    """Raise ``NotImplementedError`` unless ``experts`` holds stacked SwiGLU experts: ``gate_up_proj [E, 2I, H]``
+    with gate rows first, ``down_proj [E, H, I]``, SiLU, no bias."""
+    wrong = [f"{flag}={getattr(experts, flag)}" for flag, want in _REQUIRED_LAYOUT if getattr(experts, flag, want) != want]
+    act = type(getattr(experts, "act_fn", None)).__name__
+    if act not in ("SiLUActivation", "SiLU"):
+        wrong.append(f"act_fn={act}")
+    if wrong:
+        raise NotImplementedError(
+            f"qwen3-moe-fused computes stacked SwiGLU experts (gate_up_proj [E, 2I, H] with gate rows first, "
+            f"down_proj [E, H, I], SiLU, no bias); {type(experts).__name__} has {', '.join(wrong)}: choose another "
+            "experts_implementation for this model"
         )
-    return experts(hidden, selected_experts, routing_weights)
+
+
+def _say_once(key, message, *args):
+    if key not in _said:
+        _said.add(key)
+        _logger.warning(message, *args)
+
+
+def _weight_and_factors(experts, name):
+    """(weight, (A, B, scale) or None) of ``experts.<name>``: where PEFT's LoRA factor proxy parametrizes it
+    (``_LoraFactorsProxy``: lhs = B [E, out, r], rhs = A [E, r, in], scaling), the raw weight and the factors, so
+    W + ΔW is never formed. Other parametrizations (several adapters, fp8) give the weight as they form it, said
+    once."""
+    if parametrize.is_parametrized(experts, name):
+        chain = experts.parametrizations[name]
+        proxy = chain[0]
+        if len(chain) == 1 and all(hasattr(proxy, a) for a in ("lhs", "rhs", "scaling")):
+            weight = chain.original
+            if weight.dtype.itemsize >= 2:
+                return weight, (proxy.rhs, proxy.lhs, proxy.scaling)
+        _say_once("materialised", "qwen3-moe-fused: %s.%s is parametrized by %s (several active adapters, or fp8 "
+                  "weights): these experts use the materialised W + ΔW as it forms it", type(experts).__name__, name,
+                  type(proxy).__name__)
+    return getattr(experts, name), None
+
+
+class Qwen3MoeExperts(nn.Module):
+    """transformers 5.x stacked-SwiGLU experts ``forward(hidden_states [T, H], top_k_index [T, K], top_k_weights
+    [T, K]) -> [T, H]`` computed by ``moe_experts`` on ``self.gate_up_proj`` / ``self.down_proj`` (PEFT LoRA
+    factors read, never merged). Expert ids are local to those weights: ids outside [0, E) — transformers'
+    expert-parallel sentinels — are dropped and get zero routing-weight gradient."""
+
+    has_backward = True
+    can_torch_compile = True
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        check_experts_layout(self)
+        gate_up_proj, gate_up = _weight_and_factors(self, "gate_up_proj")
+        down_proj, down = _weight_and_factors(self, "down_proj")
+        lora = None
+        if gate_up or down:
+            gate_up, down = gate_up or (None, None, 1.0), down or (None, None, 1.0)
+            lora = ExpertsLora(gate_up[0], gate_up[1], down[0], down[1], gate_up[2], down[2])
+        return moe_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, lora=lora)
 
 
 class Qwen3MoeSparseMoeBlock(nn.Module):
-    """transformers 5.x ``Qwen3MoeSparseMoeBlock.forward`` with the experts computed by this package.
+    """transformers 5.x ``Qwen3MoeSparseMoeBlock.forward``: router, then experts, both called as modules.
 
-    Reads the host's ``self.gate`` (``Qwen3MoeTopKRouter``, called as a module so transformers' router-logit
-    recorder and the aux loss see it) and ``self.experts.gate_up_proj`` / ``self.experts.down_proj``, and the
-    LoRA factors when PEFT wraps the experts (``peft_experts_lora``).
-    Returns a tensor shaped like ``hidden_states``, as the host does. Compiles with ``fullgraph=True`` on the
-    kernel path (custom ops with fake implementations); the CPU reference path compiles with graph breaks.
+    The fused work happens inside the experts call, when the experts module runs ``Qwen3MoeExperts.forward``
+    (transformers' experts implementation "qwen3_moe_fused", which ``patch_qwen3_moe`` selects, or a kernelized
+    experts module). Returns a tensor shaped like ``hidden_states``, as the host does.
     """
 
     has_backward = True
@@ -78,10 +108,5 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
         batch_size, sequence_length, hidden_dim = hidden_states.shape
         hidden = hidden_states.reshape(-1, hidden_dim)
         _, routing_weights, selected_experts = self.gate(hidden)
-        resolved = peft_experts_lora(self.experts)
-        if resolved is None:
-            out = _materialized_experts(self.experts, hidden, selected_experts, routing_weights)
-        else:
-            experts, lora = resolved
-            out = moe_experts(hidden, selected_experts, routing_weights, experts.gate_up_proj, experts.down_proj, lora=lora)
+        out = self.experts(hidden, selected_experts, routing_weights)
         return out.reshape(batch_size, sequence_length, hidden_dim)
