@@ -64,17 +64,21 @@ def _implementations(kernel, shape, which):
     impls = {}
     if "fused" in which:
         impls["qwen3-moe-fused"] = lambda x, idx, w, w1, w2: kernel.moe_experts(x, idx, w, w1, w2)
-    for name in ("grouped_mm", "eager"):
+    # "module": ours as a patched model runs it, the experts module's call with experts implementation
+    # "qwen3_moe_fused" (transformers' dispatch, then the kernel's layers.Qwen3MoeExperts.forward)
+    for name, label in (("module", "qwen3-moe-fused (experts module)"), ("grouped_mm", "transformers grouped_mm"),
+                        ("eager", "transformers eager")):
         if name in which:
             cfg = Qwen3MoeConfig(hidden_size=shape["H"], moe_intermediate_size=shape["I"], num_experts=shape["E"],
-                                 num_experts_per_tok=shape["K"], experts_implementation=name)
+                                 num_experts_per_tok=shape["K"],
+                                 experts_implementation=_fused_experts(kernel) if name == "module" else name)
             module = Qwen3MoeExperts(cfg).to(DEVICE, DTYPE)
 
             def run(x, idx, w, w1, w2, module=module):
                 module.gate_up_proj, module.down_proj = w1, w2  # same Parameters as the others
                 return module(x, idx, w)
 
-            impls[f"transformers {name}"] = run
+            impls[label] = run
     if "liger" in which:
         try:
             from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
@@ -83,6 +87,13 @@ def _implementations(kernel, shape, which):
         except ImportError as err:
             print(f"liger-kernel not available: {err}", file=sys.stderr)
     return impls
+
+
+def _fused_experts(kernel):
+    """transformers experts implementation "qwen3_moe_fused" on ``kernel`` (the plugin's registration)."""
+    import qwen3_moe_patch
+
+    return qwen3_moe_patch.register_experts_implementation(kernel=kernel)
 
 
 def _lora_implementations(kernel, shape, rank, w1, w2, gen):
@@ -105,12 +116,16 @@ def _lora_implementations(kernel, shape, rank, w1, w2, gen):
         for p in lora:
             p.copy_(torch.randn(p.shape, device=DEVICE, generator=gen) * 0.02)
 
-    def fused(x, index, weights):
-        experts, factors = kernel.layers.peft_experts_lora(holder.experts)
-        return kernel.moe_experts(x, index, weights, experts.gate_up_proj, experts.down_proj, lora=factors)
+    fused_name = _fused_experts(kernel)
 
-    impls = {f"qwen3-moe-fused LoRA r{rank}": fused,
-             f"PEFT LoRA r{rank} (grouped_mm)": lambda x, index, weights: holder.experts(x, index, weights)}
+    def through(implementation):  # the same PEFT-wrapped module, run by one experts implementation or the other
+        def run(x, index, weights):
+            cfg._experts_implementation = implementation
+            return holder.experts(x, index, weights)
+        return run
+
+    impls = {f"qwen3-moe-fused LoRA r{rank}": through(fused_name),
+             f"PEFT LoRA r{rank} (grouped_mm)": through("grouped_mm")}
     return impls, lora, holder
 
 
@@ -236,7 +251,8 @@ def main():
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
     parser.add_argument("--shapes", nargs="+", default=["30b-a3b", "235b-a22b"], choices=sorted(SHAPES))
     parser.add_argument("--routings", nargs="+", default=list(ROUTINGS), choices=ROUTINGS)
-    parser.add_argument("--impls", nargs="+", default=["fused", "grouped_mm", "liger", "eager"])
+    parser.add_argument("--impls", nargs="+", default=["fused", "module", "grouped_mm", "liger", "eager"],
+                        help="fused = moe_experts; module = the experts module as a patched model calls it")
     parser.add_argument("--eager-at", default="30b-a3b:4096", help="SHAPE:T, the one size at which the eager loop runs")
     parser.add_argument("--profile-at", default="", help="SHAPE:T: per-kernel breakdown of our rows there (uniform)")
     parser.add_argument("--lora-rank", type=int, default=0, help="also time LoRA of this rank on frozen experts")
