@@ -1,6 +1,6 @@
 """One rank of the 2-rank distributed tests (run by torchrun, see test_distributed.py).
 
-For each requested setup (``qwen3_moe_patch.parallel.SETUPS``): load the tiny checkpoint, apply the engine,
+For each requested setup (``qwen3_moe_patch.parallel.SETUPS``; or a named check of ``CHECKS``): load the tiny checkpoint, apply the engine,
 optionally PEFT LoRA on experts and attention, make the experts one implementation — "patched"
 (``patch_qwen3_moe``), "stock" (transformers' grouped_mm) or "experts_impl" (``experts_implementation=
 "qwen3_moe_fused"`` without the patch) — train a few AdamW steps and write this rank's losses to
@@ -111,6 +111,67 @@ def train(model, optimizer, setup, rank):
     return losses
 
 
+def check_naive_localisation(ckpt, kernel_dir):
+    """Under EP, the experts' weights are expert-sharded DTensors: handing them to ``moe_experts`` with the
+    router's global ids (what the block did before it called ``self.experts``) must be refused, not computed; a
+    replicated DTensor is computed on locally and equals the plain tensor's result."""
+    import kernels
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+    from transformers import AutoModelForCausalLM
+
+    from qwen3_moe_patch import parallel
+
+    kernel = kernels.get_local_kernel(Path(kernel_dir))
+    model = AutoModelForCausalLM.from_pretrained(
+        ckpt, dtype=torch.float32, distributed_config=parallel.distributed_config(**parallel.SETUPS["ep-all-to-all"].load))
+    block = model.model.layers[0].mlp
+    assert isinstance(block.experts.gate_up_proj, DTensor), type(block.experts.gate_up_proj)
+    hidden = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    _, weights, index = block.gate(hidden)
+    try:
+        kernel.moe_experts(hidden, index, weights, block.experts.gate_up_proj, block.experts.down_proj)
+    except ValueError as err:
+        refused = str(err)
+    else:
+        raise AssertionError("moe_experts computed on expert-sharded weights")
+    mesh = block.experts.gate_up_proj.device_mesh
+    gen = torch.Generator().manual_seed(1)  # the same on every rank (distribute_tensor sends rank 0's)
+    w1, w2, x = torch.randn(8, 64, 64, generator=gen), torch.randn(8, 64, 32, generator=gen), torch.randn(5, 64, generator=gen)
+    idx, w = torch.randint(0, 8, (5, 2), generator=gen), torch.rand(5, 2, generator=gen)
+    plain = kernel.moe_experts(x, idx, w, w1, w2)
+    replicated = kernel.moe_experts(x, idx, w, *(distribute_tensor(t, mesh, [Replicate()]) for t in (w1, w2)))
+    assert not isinstance(replicated, DTensor) and torch.equal(plain, replicated)
+    return {"refused": refused}
+
+
+def check_tp_layout(ckpt):
+    """transformers TP shards gate_up_proj [E, 2I, H] with a strided shard: each rank must hold [its gate rows;
+    its up rows], the layout the kernel reads (gate rows first)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from qwen3_moe_patch import parallel
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = AutoModelForCausalLM.from_pretrained(
+        ckpt, dtype=torch.float32, distributed_config=parallel.distributed_config(**parallel.SETUPS["tp"].load))
+    full = load_file(Path(ckpt) / "model.safetensors")
+    local = model.model.layers[1].mlp.experts.gate_up_proj.to_local()
+    E, I = model.config.num_experts, model.config.moe_intermediate_size
+    gate = torch.stack([full[f"model.layers.1.mlp.experts.{e}.gate_proj.weight"] for e in range(E)])
+    up = torch.stack([full[f"model.layers.1.mlp.experts.{e}.up_proj.weight"] for e in range(E)])
+    part = slice(rank * I // world, (rank + 1) * I // world)
+    assert torch.equal(local, torch.cat([gate[:, part], up[:, part]], dim=1)), "TP gate_up shard is not [gate; up]"
+    down = model.model.layers[1].mlp.experts.down_proj.to_local()
+    assert torch.equal(down, torch.stack([full[f"model.layers.1.mlp.experts.{e}.down_proj.weight"]
+                                          for e in range(E)])[:, :, part])
+    return {"local_shape": list(local.shape)}
+
+
+CHECKS = {"naive-localisation": lambda args: check_naive_localisation(args.ckpt, args.kernel),
+          "tp-layout": lambda args: check_tp_layout(args.ckpt)}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--ckpt", required=True)
@@ -129,10 +190,14 @@ def main():
     for name in args.setups:
         result = {}
         try:
-            model, optimizer = build(args.ckpt, parallel.SETUPS[name], args.impl, args.lora, args.kernel, args.dtype)
-            calls = count_fused_calls()
-            result["losses"] = train(model, optimizer, parallel.SETUPS[name], rank)
-            result["fused_calls"] = calls[0]
+            if name in CHECKS:
+                result.update(CHECKS[name](args))
+            else:
+                model, optimizer = build(args.ckpt, parallel.SETUPS[name], args.impl, args.lora, args.kernel,
+                                         args.dtype)
+                calls = count_fused_calls()
+                result["losses"] = train(model, optimizer, parallel.SETUPS[name], rank)
+                result["fused_calls"] = calls[0]
         except Exception as err:  # reported by the test, which fails on it
             result["error"] = f"{type(err).__name__}: {err}"
             result["traceback"] = traceback.format_exc()

@@ -160,3 +160,22 @@ def test_patched_triton_float16_under_engine_equals_one_process(interpreted_fp16
 @pytest.mark.parametrize("setup", LORA)
 def test_patched_peft_lora_under_engine_equals_one_process(lora_runs, checkpoint, setup):
     _check(lora_runs, checkpoint, setup, lora=True)
+
+
+@pytest.fixture(scope="module")
+def checks(checkpoint, build_dir, tmp_path_factory):
+    return _run(checkpoint, build_dir, tmp_path_factory.mktemp("dist-checks"), list(worker.CHECKS))
+
+
+def test_expert_sharded_weights_without_the_engines_dispatch_are_refused(checks):
+    for rank, result in enumerate(checks["naive-localisation"]):
+        if reason := _unsupported(result):
+            pytest.skip(reason)
+        assert "error" not in result, f"rank {rank}:\n{result.get('traceback')}"
+        assert "DTensor placed (Shard(dim=0),)" in result["refused"] and "block.experts(" in result["refused"]
+
+
+def test_tp_strided_shard_keeps_gate_then_up_rows_per_rank(checks):
+    for rank, result in enumerate(checks["tp-layout"]):
+        assert "error" not in result, f"rank {rank}:\n{result.get('traceback')}"
+        assert result["local_shape"] == [8, 32, 64]  # [E, 2·I/2, H]: half the gate rows, then half the up rows

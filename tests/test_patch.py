@@ -209,6 +209,62 @@ def test_unpatch_restores_a_forward_that_was_on_the_instance(kernel):
     assert block.forward is hook
 
 
+def _count_fused_calls(monkeypatch):
+    from transformers.integrations.moe import ExpertsInterface
+
+    fused = ExpertsInterface._global_mapping["qwen3_moe_fused"]
+    calls = []
+    monkeypatch.setitem(ExpertsInterface._global_mapping, "qwen3_moe_fused",
+                        lambda *args: calls.append(1) or fused(*args))
+    return calls
+
+
+def test_experts_run_through_the_models_experts_implementation(kernel, monkeypatch):
+    """The patch selects "qwen3_moe_fused" in the config, which transformers' experts dispatch reads at each call;
+    switching it later is obeyed (the model does what its config says), and unpatch puts the old one back."""
+    ref = make_model(seed=22, experts_implementation="eager")
+    model = make_model(seed=22, experts_implementation="eager")
+    patch_qwen3_moe(model, kernel=kernel)
+    assert model.config._experts_implementation == "qwen3_moe_fused"
+    calls = _count_fused_calls(monkeypatch)
+    ids = _ids(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, **TOL)
+        assert len(calls) == 4  # one per MoE layer
+        model.set_experts_implementation("batched_mm")
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, **TOL)
+        assert len(calls) == 4 and model.config._experts_implementation == "batched_mm"
+    assert unpatch_qwen3_moe(model) == 4 and model.config._experts_implementation == "batched_mm"  # kept
+    other = make_model(seed=22, experts_implementation="eager")
+    patch_qwen3_moe(other, kernel=kernel)
+    unpatch_qwen3_moe(other)
+    assert other.config._experts_implementation == "eager"
+
+
+def test_finds_blocks_whose_class_an_engine_renamed(kernel):
+    """FSDP2's fully_shard(block) swaps the block's class for a subclass named FSDPQwen3MoeSparseMoeBlock."""
+    model = make_model(seed=23)
+    _, block = find_moe_blocks(model)[0]
+    block.__class__ = type(f"FSDP{type(block).__name__}", (type(block),), {})
+    assert len(find_moe_blocks(model)) == 4
+    assert len(patch_qwen3_moe(model, kernel=kernel).blocks) == 4 and "forward" in block.__dict__
+
+
+def test_refuses_experts_whose_forward_something_else_replaced(kernel, monkeypatch):
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    model = make_model(seed=24)
+    experts = find_moe_blocks(model)[0][1].experts
+    experts.forward = lambda hidden, index, weights: hidden  # e.g. another library's experts
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.experts\.forward was replaced on the instance by .*<lambda>"):
+        patch_qwen3_moe(model, kernel=kernel)
+    del experts.forward
+    monkeypatch.setattr(Qwen3MoeExperts, "forward", lambda self, hidden, index, weights: hidden)
+    with pytest.raises(ValueError, match="not transformers' experts dispatch"):
+        patch_qwen3_moe(model, kernel=kernel)
+    assert not _patched(model) and model.config._experts_implementation == "grouped_mm"
+
+
 # --- clear errors, model left unchanged --------------------------------------------------------------------------
 
 
