@@ -123,7 +123,7 @@ def check_naive_localisation(ckpt, kernel_dir):
 
     kernel = kernels.get_local_kernel(Path(kernel_dir))
     model = AutoModelForCausalLM.from_pretrained(
-        ckpt, dtype=torch.float32, distributed_config=parallel.distributed_config(**parallel.SETUPS["ep-all-to-all"].load))
+        ckpt, dtype=torch.float32, distributed_config=parallel.distributed_config(**parallel.SETUPS["ep-all-reduce"].load))
     block = model.model.layers[0].mlp
     assert isinstance(block.experts.gate_up_proj, DTensor), type(block.experts.gate_up_proj)
     hidden = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))

@@ -139,7 +139,8 @@ def interpreted_fp16(checkpoint, build_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora_runs(checkpoint, build_dir, tmp_path_factory):
-    return _run(checkpoint, build_dir, tmp_path_factory.mktemp("dist-lora"), LORA, interpret=True, lora=True)
+    return _run(checkpoint, build_dir, tmp_path_factory.mktemp("dist-lora"), LORA + ["ep-fsdp"], interpret=True,
+                lora=True)
 
 
 @pytest.mark.parametrize("setup", ALL)
@@ -179,3 +180,37 @@ def test_tp_strided_shard_keeps_gate_then_up_rows_per_rank(checks):
     for rank, result in enumerate(checks["tp-layout"]):
         assert "error" not in result, f"rank {rank}:\n{result.get('traceback')}"
         assert result["local_shape"] == [8, 32, 64]  # [E, 2·I/2, H]: half the gate rows, then half the up rows
+
+
+def test_peft_lora_on_expert_parallel_experts_is_refused_clearly(lora_runs):
+    """PEFT 0.21 cannot put LoRA on EP-sharded experts (unpatched it fails inside its parametrization, "mixed
+    torch.Tensor and DTensor"); the patch says so and what to do instead."""
+    for result in lora_runs["ep-fsdp"]:
+        if reason := _unsupported(result):
+            pytest.skip(reason)
+        assert "PEFT LoRA wraps expert-parallel experts (4 of 8 experts on this rank)" in result["error"], result
+        assert "FSDP2 without EP" in result["error"]
+
+
+def _cli(*args, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", "-m",
+           "qwen3_moe_patch.cli", "train", "--project", str(Path(__file__).parents[1]), "--impl", "fused", "--impl",
+           "grouped_mm", "--steps", "3", "--batch", "2", "--seq", "32", "--no-progress", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("engine", [["--fsdp"], ["--ep", "2"], ["--fsdp", "--lora-r", "4"]], ids=" ".join)
+def test_train_cli_under_torchrun(engine):
+    from transformers.distributed import DistributedConfig
+
+    if "--ep" in engine and "ep_size" not in {f.name for f in __import__("dataclasses").fields(DistributedConfig)}:
+        pytest.skip("transformers < 5.21: no ep_size (EP with FSDP)")
+    proc = _cli(*engine)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "per rank:" in proc.stdout and "| fused | all |" in proc.stdout, proc.stdout
+    assert ("EP 2 + FSDP2" if "--ep" in engine else "FSDP2") in proc.stdout
+    final = {line.split("|")[1].strip(): float(line.split("|")[5]) for line in proc.stdout.splitlines()
+             if line.startswith(("| fused |", "| grouped_mm |")) and line.count("|") == 7}
+    assert abs(final["fused"] - final["grouped_mm"]) < 1e-4, proc.stdout  # same weights, same batches

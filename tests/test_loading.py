@@ -14,6 +14,7 @@ from qwen3_moe_patch.presets import make_model
 from conftest import REPO_ID, ROOT
 
 LAYER = "Qwen3MoeSparseMoeBlock"
+EXPERTS = "Qwen3MoeExperts"  # the kernel's second layer: the fused experts forward on the experts module
 
 
 def _check_module(module):
@@ -54,9 +55,30 @@ def _blocks(model):
     return [m for m in model.modules() if type(m).__name__ == LAYER]
 
 
-def _kernelize(model, repo, mode, device="cpu"):
-    kernels.replace_kernel_forward_from_hub(type(_blocks(model)[0]), LAYER)
-    with kernels.use_kernel_mapping({LAYER: {device: {mode: repo}}}, inherit_mapping=False):
+@pytest.fixture(autouse=True)
+def _unmark_transformers_classes():
+    """kernelize acts on classes marked with a layer name: take the marks off again after each test."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts, Qwen3MoeSparseMoeBlock
+
+    before = {cls: cls.__dict__.get("kernel_layer_name") for cls in (Qwen3MoeExperts, Qwen3MoeSparseMoeBlock)}
+    yield
+    for cls, name in before.items():
+        if name is not None:
+            cls.kernel_layer_name = name
+        elif "kernel_layer_name" in cls.__dict__:
+            del cls.kernel_layer_name
+
+
+def _kernelize(model, repo, mode, device="cpu", experts_repo=None):
+    """kernelize the MoE blocks with ``repo``'s layer and, with ``experts_repo``, the experts modules with the
+    kernel's Qwen3MoeExperts (how a user of ``kernels`` alone, without the plugin, gets the fused experts)."""
+    block = _blocks(model)[0]
+    kernels.replace_kernel_forward_from_hub(type(block), LAYER)
+    mapping = {LAYER: {device: {mode: repo}}}
+    if experts_repo is not None:
+        kernels.replace_kernel_forward_from_hub(type(block.experts), EXPERTS)
+        mapping[EXPERTS] = {device: {mode: experts_repo}}
+    with kernels.use_kernel_mapping(mapping, inherit_mapping=False):
         kernels.kernelize(model, mode=mode, device=device, use_fallback=False)
 
 
@@ -74,8 +96,10 @@ def test_kernelize_training_matches_unpatched(kernel, dtype, tol, reference_impl
     layer = kernel.layers.Qwen3MoeSparseMoeBlock
     ref = make_model(seed=3, experts_implementation=reference_impl).to(dtype)
     model = make_model(seed=3).to(dtype)
-    _kernelize(model, LayerRepository(REPO_ID, layer_name=LAYER, version=1), Mode.TRAINING)
+    _kernelize(model, LayerRepository(REPO_ID, layer_name=LAYER, version=1), Mode.TRAINING,
+               experts_repo=LayerRepository(REPO_ID, layer_name=EXPERTS, version=1))
     assert all(b.forward.__func__ is layer.forward for b in _blocks(model))
+    assert all(b.experts.forward.__func__ is kernel.layers.Qwen3MoeExperts.forward for b in _blocks(model))
     ids = torch.randint(0, ref.config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(0))
     out, expected = model(input_ids=ids, labels=ids), ref(input_ids=ids, labels=ids)
     assert len(out.router_logits) == len(_blocks(model))
@@ -90,7 +114,8 @@ def test_kernelize_training_matches_unpatched(kernel, dtype, tol, reference_impl
 def test_kernelize_inference_matches_unpatched(build_dir, kernel):
     ref = make_model(seed=4, experts_implementation="eager").eval()
     model = make_model(seed=4).eval()
-    _kernelize(model, LocalLayerRepository(build_dir, layer_name=LAYER), Mode.INFERENCE)
+    _kernelize(model, LocalLayerRepository(build_dir, layer_name=LAYER), Mode.INFERENCE,
+               experts_repo=LocalLayerRepository(build_dir, layer_name=EXPERTS))
     assert all(type(b.forward.__self__) is type(b) and b.forward.__func__ is not type(b).forward for b in _blocks(model))
     ids = torch.randint(0, ref.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -152,8 +177,10 @@ def test_kernelize_torch_compile_mode_compiles_the_block_fullgraph(kernel):
     ref = make_model(seed=6, experts_implementation="eager").to(device)
     model = make_model(seed=6).to(device)
     mode = Mode.TRAINING | Mode.TORCH_COMPILE
-    _kernelize(model, LayerRepository(REPO_ID, layer_name=LAYER, version=1), mode, device)
+    _kernelize(model, LayerRepository(REPO_ID, layer_name=LAYER, version=1), mode, device,
+               experts_repo=LayerRepository(REPO_ID, layer_name=EXPERTS, version=1))
     block, ref_block = _blocks(model)[0], _blocks(ref)[0]
+    assert block.experts.forward.__func__ is kernel.layers.Qwen3MoeExperts.forward
     compiled = torch.compile(block, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
     x = torch.randn(2, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(2)).to(device)
     x.requires_grad_()

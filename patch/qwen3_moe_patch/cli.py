@@ -5,6 +5,7 @@
     qwen3-moe-fused check [--project DIR] [--steps N] [--device cpu|cuda] [--dtype float32|bfloat16]
     qwen3-moe-fused train [--preset tiny|30b-a3b-4layers | --model PATH] [--impl fused --impl grouped_mm ...]
                           [--lora-r R] [--gradient-checkpointing] [--data FILE] [--steps N] [--seq S] [--out DIR]
+                          [--fsdp | --ep N]   (under torchrun --nproc_per_node N)
     qwen3-moe-fused convert SRC DST --to stacked|per-expert [--max-shard-size 5GB] [--config-for transformers4]
 """
 
@@ -131,6 +132,15 @@ def _train_command(args) -> int:
     from . import train
 
     impls = args.impl or ["fused"]
+    rank = 0
+    if args.fsdp or args.ep:
+        from .parallel import init_process_group
+
+        rank, _ = init_process_group(args.device)
+        if args.device.startswith("cuda"):
+            import torch
+
+            args.device = f"cuda:{torch.cuda.current_device()}"
     with contextlib.ExitStack() as stack:
         kernel = None
         if "fused" in impls:
@@ -139,11 +149,21 @@ def _train_command(args) -> int:
             impls, steps=args.steps, batch=args.batch, seq=args.seq, seed=args.seed, data=args.data,
             preset=args.preset, model_path=args.model, lora_r=args.lora_r,
             gradient_checkpointing=args.gradient_checkpointing, device=args.device, dtype=args.dtype, lr=args.lr,
-            kernel=kernel, log_every=args.log_every, show_progress=not args.no_progress)
+            kernel=kernel, log_every=args.log_every if rank == 0 else 0, show_progress=not args.no_progress,
+            fsdp=args.fsdp, ep=args.ep)
+    engine = f", EP {args.ep} + FSDP2" if args.ep else (", FSDP2" if args.fsdp else "")
     what = (f"{args.model or args.preset}, {'LoRA r' + str(args.lora_r) if args.lora_r else 'full fine-tune'}, "
-            f"{args.batch}x{args.seq} tokens/step, {args.steps} steps, {args.dtype} on {args.device}"
-            f"{', gradient checkpointing' if args.gradient_checkpointing else ''}")
-    print(f"\n{what}\n" + train.table(results))
+            f"{args.batch}x{args.seq} tokens/step{' per rank' if engine else ''}, {args.steps} steps, {args.dtype} on "
+            f"{args.device}{engine}{', gradient checkpointing' if args.gradient_checkpointing else ''}")
+    ranks = train.per_rank_table(results)
+    if args.fsdp or args.ep:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank != 0:
+        return 0
+    print(f"\n{what}\n" + train.table(results) + (f"\n\nper rank:\n{ranks}" if ranks else ""))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -221,6 +241,10 @@ def main(argv=None) -> int:
     tr.add_argument("--log-every", type=int, default=10, help="one summary line every N steps (0: none)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.add_argument("--out", help="folder for train.json and, with several --impl, loss.png")
+    scale = tr.add_mutually_exclusive_group()
+    scale.add_argument("--fsdp", action="store_true", help="FSDP2 per decoder layer (launch with torchrun)")
+    scale.add_argument("--ep", type=int, default=0, metavar="N",
+                       help="transformers expert parallelism over N ranks, FSDP over all (launch with torchrun)")
     conv = sub.add_parser("convert", help="experts' checkpoint or LoRA adapter: per-expert <-> stacked, losslessly")
     conv.add_argument("src", help="checkpoint folder (safetensors) or PEFT adapter folder")
     conv.add_argument("dst", help="output folder (new or without weights)")

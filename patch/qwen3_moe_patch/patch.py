@@ -112,6 +112,13 @@ def _check(model: nn.Module, blocks, mode) -> None:
     for name, block in blocks:
         experts = base_experts(block)
         _check_experts_dispatch(name, experts)
+        if experts is not block.experts and experts.gate_up_proj.shape[0] != getattr(experts, "num_experts", None):
+            raise ValueError(
+                f"{name}: PEFT LoRA wraps expert-parallel experts ({getattr(experts, 'num_experts', '?')} of "
+                f"{experts.gate_up_proj.shape[0]} experts on this rank). PEFT 0.21 cannot train LoRA on them (its "
+                "parametrization mixes the expert-sharded DTensor with plain LoRA factors; stock PEFT fails the same "
+                "way unpatched): under EP put LoRA on attention only, or train expert LoRA with FSDP2 without EP"
+            )
         act = type(getattr(experts, "act_fn", None)).__name__
         if act not in ("SiLUActivation", "SiLU"):
             raise ValueError(f"{name}: expert activation {act} is not supported; the kernel implements SiLU (SwiGLU)")

@@ -96,10 +96,39 @@ class RunResult:
         return sum(tail) / len(tail)
 
 
+def _distributed():
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def preset_checkpoint(preset, seed, config_overrides, dtype):
+    """A checkpoint of the preset's model (rank 0 writes it once into the temp folder; the others wait), for
+    loaders that take a path: transformers' expert parallelism is applied by ``from_pretrained``."""
+    import hashlib
+    import tempfile
+
+    import torch
+    import torch.distributed as dist
+
+    from .presets import make_model
+
+    key = hashlib.sha1(repr((preset, seed, sorted((config_overrides or {}).items()), dtype)).encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"qwen3-moe-fused-{preset}-{key}"
+    if (not _distributed() or dist.get_rank() == 0) and not (path / "config.json").exists():
+        model = make_model(preset, seed=seed, **(config_overrides or {})).to(getattr(torch, dtype))
+        model.save_pretrained(path)
+    if _distributed():
+        dist.barrier()
+    return path
+
+
 def build_model(impl, *, preset="tiny", model_path=None, lora_r=0, gradient_checkpointing=False, device="cpu",
-                dtype="float32", seed=0, kernel=None, config_overrides=None):
+                dtype="float32", seed=0, kernel=None, config_overrides=None, fsdp=False, ep=0):
     """The model for one run: same initial weights for the same seed, whatever the implementation.
-    ``config_overrides`` change the preset's config (e.g. num_hidden_layers)."""
+    ``config_overrides`` change the preset's config (e.g. num_hidden_layers). Under torchrun: ``fsdp`` wraps each
+    decoder layer and the root in FSDP2; ``ep`` loads with transformers' expert parallelism over ``ep`` ranks and
+    FSDP over all of them (``DistributedConfig(fsdp_size=world, ep_size=ep)``)."""
     import torch
 
     from .presets import make_model
@@ -109,16 +138,27 @@ def build_model(impl, *, preset="tiny", model_path=None, lora_r=0, gradient_chec
         experts_impl = register_liger()
     if experts_impl is None:
         raise ValueError(f"unknown implementation {impl!r}; choose from {', '.join(IMPLS)}")
+    if (fsdp or ep) and not _distributed():
+        raise ValueError("--fsdp and --ep need several processes: launch with torchrun --nproc_per_node N")
+    if ep and not model_path:
+        model_path = preset_checkpoint(preset, seed, config_overrides, dtype)
     if model_path:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
-                                                     experts_implementation=experts_impl)
+        load = dict(dtype=getattr(torch, dtype), experts_implementation=experts_impl)
+        if ep:
+            import torch.distributed as dist
+
+            from .parallel import distributed_config
+
+            load["distributed_config"] = distributed_config(fsdp_size=dist.get_world_size(), ep_size=ep)
+        model = AutoModelForCausalLM.from_pretrained(model_path, **load)
     else:
         with torch.device(device):  # initialise on the device: seconds instead of minutes for billions of weights
             model = make_model(preset, seed=seed, experts_implementation=experts_impl, **(config_overrides or {}))
     model.config.use_cache = False
-    model = model.to(device, getattr(torch, dtype))
+    if not ep:
+        model = model.to(device, getattr(torch, dtype))
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora_r:
@@ -130,6 +170,10 @@ def build_model(impl, *, preset="tiny", model_path=None, lora_r=0, gradient_chec
         model = get_peft_model(model, config)
         if gradient_checkpointing:
             model.enable_input_require_grads()
+    if fsdp and not ep:
+        from .parallel import fsdp2
+
+        model = fsdp2(model)
     if impl == "fused":
         from .patch import patch_qwen3_moe
 
@@ -180,8 +224,9 @@ def train_run(model, batches, *, impl, lr=1e-4, device="cpu", progress=None, log
 
 def compare(impls, *, steps, batch, seq, seed=0, data=None, preset="tiny", model_path=None, lora_r=0,
             gradient_checkpointing=False, device="cpu", dtype="float32", lr=1e-4, kernel=None, log_every=0,
-            show_progress=True, log=print, config_overrides=None):
-    """One run per implementation on the same batches from the same weights; list of RunResult."""
+            show_progress=True, log=print, config_overrides=None, fsdp=False, ep=0):
+    """One run per implementation on the same batches from the same weights; list of RunResult. Under torchrun
+    each rank draws its own batches (seed + rank) and the results are this rank's."""
     import torch
 
     tokenizer = None
@@ -189,16 +234,21 @@ def compare(impls, *, steps, batch, seq, seed=0, data=None, preset="tiny", model
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-    batches = make_batches(token_stream(data, tokenizer), steps, batch, seq, seed)
+    rank = 0
+    if _distributed():
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+    batches = make_batches(token_stream(data, tokenizer), steps, batch, seq, seed + rank)
     results = []
     for impl in impls:
         model = build_model(impl, preset=preset, model_path=model_path, lora_r=lora_r,
                             gradient_checkpointing=gradient_checkpointing, device=device, dtype=dtype, seed=seed,
-                            kernel=kernel, config_overrides=config_overrides)
+                            kernel=kernel, config_overrides=config_overrides, fsdp=fsdp, ep=ep)
         if model.config.vocab_size < 256 and tokenizer is None:
             raise ValueError(f"byte-level data needs vocab_size ≥ 256, the model has {model.config.vocab_size}")
         progress = None
-        if show_progress:
+        if show_progress and rank == 0:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=steps, desc=impl, file=sys.stderr, leave=False)
@@ -247,6 +297,24 @@ def window_means(losses, window: int = 20) -> list:
     return [sum(losses[i:i + window]) / window for i in range(0, len(losses) - window + 1, window)]
 
 
+def per_rank_table(results) -> str | None:
+    """Markdown: tokens/s and peak memory of every rank for each implementation (None outside torchrun). All
+    ranks must call it (it gathers)."""
+    if not _distributed():
+        return None
+    import torch.distributed as dist
+
+    mine = [(r.impl, r.tokens_per_second(), r.peak_mib) for r in results]
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    lines = ["| impl | rank | tokens/s | peak MiB |", "|---|---|---|---|"]
+    for i, r in enumerate(results):
+        lines += [f"| {r.impl} | {rank} | {ranks[i][1]:.0f} | {ranks[i][2]:.0f} |" for rank, ranks in enumerate(every)]
+        total = sum(ranks[i][1] for ranks in every)
+        lines.append(f"| {r.impl} | all | {total:.0f} | max {max(ranks[i][2] for ranks in every):.0f} |")
+    return "\n".join(lines)
+
+
 def table(results, baseline="grouped_mm") -> str:
     """Markdown: tokens/s (and ÷ the baseline's), peak memory, final loss (mean of the last 10 steps)."""
     base = next((r for r in results if r.impl == baseline), None)
@@ -275,5 +343,6 @@ def plot(results, path, title=""):
     fig.savefig(path, dpi=110)
 
 
-__all__ = ["IMPLS", "RunResult", "build_model", "compare", "environment", "make_batches", "make_optimizer", "plot",
-           "stdlib_corpus", "table", "token_stream", "train_run", "window_means"]
+__all__ = ["IMPLS", "RunResult", "build_model", "compare", "environment", "make_batches", "make_optimizer",
+           "per_rank_table", "plot", "preset_checkpoint", "stdlib_corpus", "table", "token_stream", "train_run",
+           "window_means"]
