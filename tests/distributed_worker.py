@@ -91,6 +91,36 @@ def build(ckpt, setup, impl, use_lora, kernel_dir, dtype):
     return model, optimizer
 
 
+def single_process(ckpt, setup, dtype, use_lora, kernel_dir=None, world=2):
+    """Losses [step][rank] of one process (no engine) on the data the ranks see: the shared batch, or gradient
+    accumulation over the ranks' micro-batches (what data parallelism computes). Patched with the kernel in
+    ``kernel_dir`` when given (so the same kernel path runs as in the ranks), else stock grouped_mm."""
+    from transformers import AutoModelForCausalLM
+
+    from qwen3_moe_patch import parallel, patch_qwen3_moe
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, dtype), attn_implementation="eager",
+                                                 experts_implementation="grouped_mm")
+    if use_lora:
+        model = lora(model)
+    if kernel_dir is not None:
+        patch_qwen3_moe(model, local_path=kernel_dir)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+    shared = parallel.shares_batch(setup)
+    losses = []
+    for step in range(STEPS):
+        row = []
+        for rank in range(1 if shared else world):
+            ids = batch(step, rank)
+            loss = model(input_ids=ids, labels=ids).loss
+            (loss / (1 if shared else world)).backward()
+            row.append(loss.item())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(row * world if shared else row)
+    return losses
+
+
 def train(model, optimizer, setup, rank):
     from qwen3_moe_patch import parallel
 
@@ -198,6 +228,9 @@ def main():
                 calls = count_fused_calls()
                 result["losses"] = train(model, optimizer, parallel.SETUPS[name], rank)
                 result["fused_calls"] = calls[0]
+                if rank == 0 and args.impl == "patched":
+                    result["single_process"] = single_process(args.ckpt, parallel.SETUPS[name], args.dtype, args.lora,
+                                                              args.kernel)
         except Exception as err:  # reported by the test, which fails on it
             result["error"] = f"{type(err).__name__}: {err}"
             result["traceback"] = traceback.format_exc()
