@@ -83,6 +83,23 @@ def test_forward_and_gradients_match_reference(kernel, case, dtype):
         assert_close_rel(got, want, TOL[dtype], f"{case} {dtype} {name}")
 
 
+def test_bfloat16_under_the_interpreter_takes_the_reference_path(kernel, caplog):
+    """Triton 3.6's interpreter multiplies bfloat16 dot operands as raw integers (outputs ~1e9): such inputs must
+    never reach the kernels there. Without the interpreter (CUDA) bfloat16 is the kernels' main dtype."""
+    if not kernel.ops._INTERPRET:
+        pytest.skip("not under TRITON_INTERPRET=1")
+    import logging
+
+    leaves, index, grad_out = _problem("uniform", torch.bfloat16, 31)
+    kernel.functional._said_reference = False
+    with caplog.at_level(logging.WARNING):
+        out, grads = _run(kernel, leaves, index, grad_out)
+    assert "bfloat16 weights under TRITON_INTERPRET=1 use the pure-torch reference path" in caplog.text
+    ref_out, ref_grads = _reference(kernel, leaves, index, grad_out)
+    for name, got, want in zip(NAMES, (out, *grads), (ref_out, *ref_grads)):
+        assert_close_rel(got, want, TOL[torch.bfloat16], name)
+
+
 def test_non_contiguous_inputs(kernel):
     leaves, index, grad_out = _problem("uniform", torch.float32, 11, contiguous=False)
     out, grads = _run(kernel, leaves, index, grad_out.t().contiguous().t())

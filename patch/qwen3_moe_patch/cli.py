@@ -1,4 +1,4 @@
-"""``qwen3-moe-fused``: build the Hub kernel without Nix, lock it, check it end to end on a tiny model, train.
+"""qwen3-moe-fused: build the Hub kernel without Nix, lock it, check it end to end on a tiny model, train.
 
     qwen3-moe-fused build [--project DIR] [--out DIR] [--backend B ...] [--hub-cache DIR]
     qwen3-moe-fused lock  [--project DIR] [--out FILE]
@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -91,8 +92,44 @@ def _offline_kernel(project):
             hub.HF_HUB_OFFLINE, hub.HF_HUB_CACHE = saved
 
 
+def _checkout(project):
+    """The kernel project to build: ``--project``, else the checkout this plugin runs from (an editable install,
+    ``pip install -e ./patch``), else None (a pip-installed plugin without the sources)."""
+    if project:
+        return Path(project)
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "build.toml").is_file() and (root / "torch-ext").is_dir() else None
+
+
+@contextlib.contextmanager
+def _cli_kernel(project):
+    """(kernel module, version): built from the checkout and loaded offline, or, without one, the plugin's default
+    kernel source (the local Hub cache, else the Hub)."""
+    root = _checkout(project)
+    if root is not None:
+        with _offline_kernel(root) as (kernel, version, _):
+            yield kernel, version
+        return
+    from .kernel_source import KernelSource
+
+    source = KernelSource.resolve()
+    kernel = source.load()
+    print(f"no kernel sources here (pip-installed plugin): loaded {source.label} from "
+          f"{Path(kernel.__file__).parent}")
+    yield kernel, source.version
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__}): use --device cpu, "
+                         "or install a CUDA build of torch")
+
+
 def _check(args) -> int:
-    with _offline_kernel(args.project) as (kernel, version, revision):
+    _check_device(args.device)
+    with _cli_kernel(args.project) as (kernel, version):
         import torch
 
         from .patch import patch_qwen3_moe
@@ -101,7 +138,7 @@ def _check(args) -> int:
         dtype = getattr(torch, args.dtype)
         eager = make_model(seed=0, experts_implementation="eager").to(args.device, dtype)
         fused = make_model(seed=0).to(args.device, dtype)
-        report = patch_qwen3_moe(fused, version=version)
+        report = patch_qwen3_moe(fused, kernel=kernel)
         print(report)
 
         gen = torch.Generator().manual_seed(1)
@@ -120,9 +157,15 @@ def _check(args) -> int:
     steady = slice(1, None) if len(eager_s) > 1 else slice(None)
     print(f"\nmax relative loss/aux difference {worst:.2e} (tolerance {tol:.0e}); "
           f"max parameter difference after {args.steps} steps {param_diff:.2e}")
-    print(f"time per step (after the first): HF eager experts {1e3 * sum(eager_s[steady]) / len(eager_s[steady]):.1f} ms, "
-          f"patched {1e3 * sum(fused_s[steady]) / len(fused_s[steady]):.1f} ms "
-          f"({args.device}, {args.dtype}, batch {args.batch}x{args.seq})")
+    eager_ms, fused_ms = (1e3 * statistics.median(t[steady]) for t in (eager_s, fused_s))
+    where = (f"{args.device}, {args.dtype}, batch {args.batch}x{args.seq}, median of {len(eager_s[steady])} steps "
+             "after the first")
+    if args.device.startswith("cuda"):
+        print(f"time per step: HF eager experts {eager_ms:.1f} ms, patched {fused_ms:.1f} ms ({where})")
+    else:
+        print(f"time per step: HF eager experts {eager_ms:.1f} ms, patched {fused_ms:.1f} ms ({where}); on the CPU the "
+              "kernel runs its pure-torch reference path, so this is no measure of its speed (benchmarks/ has GPU "
+              "figures)")
     ok = worst <= tol
     print("check passed" if ok else "check FAILED: the patched model does not train like HF eager")
     return 0 if ok else 1
@@ -131,6 +174,7 @@ def _check(args) -> int:
 def _train_command(args) -> int:
     from . import train
 
+    _check_device(args.device)
     impls = args.impl or ["fused"]
     rank = 0
     if args.fsdp or args.ep:
@@ -144,12 +188,13 @@ def _train_command(args) -> int:
     with contextlib.ExitStack() as stack:
         kernel = None
         if "fused" in impls:
-            kernel = stack.enter_context(_offline_kernel(args.project))[0]
+            kernel = stack.enter_context(_cli_kernel(args.project))[0]
         results = train.compare(
             impls, steps=args.steps, batch=args.batch, seq=args.seq, seed=args.seed, data=args.data,
             preset=args.preset, model_path=args.model, lora_r=args.lora_r,
             gradient_checkpointing=args.gradient_checkpointing, device=args.device, dtype=args.dtype, lr=args.lr,
-            kernel=kernel, log_every=args.log_every if rank == 0 else 0, show_progress=not args.no_progress,
+            kernel=kernel, log_every=args.log_every if rank == 0 else 0,
+            show_progress=not args.no_progress and sys.stderr.isatty(),
             fsdp=args.fsdp, ep=args.ep)
     engine = f", EP {args.ep} + FSDP2" if args.ep else (", FSDP2" if args.fsdp else "")
     what = (f"{args.model or args.preset}, {'LoRA r' + str(args.lora_r) if args.lora_r else 'full fine-tune'}, "
@@ -183,6 +228,9 @@ def _train_command(args) -> int:
 
 def _convert(args) -> int:
     """A model checkpoint or, when SRC holds adapter_config.json, a PEFT LoRA adapter."""
+    if not Path(args.src).is_dir():
+        raise FileNotFoundError(f"{args.src} is not a folder: give a checkpoint folder (safetensors) or a PEFT adapter "
+                                "folder (with adapter_config.json)")
     if (Path(args.src) / "adapter_config.json").exists():
         from .adapters import convert_adapter
 
@@ -203,49 +251,73 @@ def _convert(args) -> int:
     return 0
 
 
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, (ValueError, RuntimeError, FileNotFoundError, FileExistsError, TypeError, ImportError)):
+        return text
+    return f"{type(err).__name__}: {text}"
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help texts with their defaults, where there is one to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="qwen3-moe-fused", description=__doc__.splitlines()[0])
+    """Entry point: every failure is one line on stderr (what is wrong, what to do) and exit status 2;
+    ``--debug`` shows the traceback instead."""
+    formatter = _HelpFormatter
+    parser = argparse.ArgumentParser(prog="qwen3-moe-fused", description=__doc__.splitlines()[0],
+                                     formatter_class=formatter)
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback")
     sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="build build/torch-<backend>/ as kernel-builder does, without Nix")
-    build.add_argument("--project", default=".", help="kernel project root (holds build.toml); default .")
+    build = sub.add_parser("build", formatter_class=formatter, help="build build/torch-<backend>/ as kernel-builder does, without Nix")
+    build.add_argument("--project", default=".", help="kernel project root (holds build.toml)")
     build.add_argument("--out", help="output folder; default <project>/build")
     build.add_argument("--backend", action="append", help="backend to build (repeatable); default: all in build.toml")
     build.add_argument("--hub-cache", help="also install the build into this Hugging Face Hub cache folder")
-    lock = sub.add_parser("lock", help="write the plugin's kernels.lock for the current kernel source")
-    lock.add_argument("--project", default=".", help="kernel project root (holds build.toml); default .")
+    lock = sub.add_parser("lock", formatter_class=formatter, help="write the plugin's kernels.lock for the current kernel source")
+    lock.add_argument("--project", default=".", help="kernel project root (holds build.toml)")
     lock.add_argument("--out", default=str(LOCKFILE), help=f"lock file to write; default {LOCKFILE}")
-    check = sub.add_parser("check", help="build, load through get_kernel offline, patch a tiny model, train vs HF eager")
-    check.add_argument("--project", default=".", help="kernel project root (holds build.toml); default .")
-    check.add_argument("--steps", type=int, default=5)
-    check.add_argument("--batch", type=int, default=4)
-    check.add_argument("--seq", type=int, default=64)
-    check.add_argument("--lr", type=float, default=1e-3)
-    check.add_argument("--device", default="cpu")
-    check.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    tr = sub.add_parser("train", help="fine-tune a Qwen3-MoE on real text; several --impl compare loss and speed")
-    tr.add_argument("--project", default=".", help="kernel project root (holds build.toml) for --impl fused")
-    tr.add_argument("--preset", default="tiny", help="local config: tiny (default) or 30b-a3b-4layers")
+    check = sub.add_parser("check", formatter_class=formatter, help="build, load through get_kernel offline, patch a tiny model, train vs HF eager")
+    project_help = ("kernel project root (holds build.toml) to build the kernel from; default: the checkout of an "
+                    "editable install, else the installed kernel source (local Hub cache, then the Hub)")
+    check.add_argument("--project", help=project_help)
+    check.add_argument("--steps", type=int, default=5, help="training steps per model")
+    check.add_argument("--batch", type=int, default=4, help="sequences per step")
+    check.add_argument("--seq", type=int, default=64, help="tokens per sequence")
+    check.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    check.add_argument("--device", default="cpu", help="cpu or cuda")
+    check.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
+    tr = sub.add_parser("train", formatter_class=formatter, help="fine-tune a Qwen3-MoE on real text; several --impl compare loss and speed")
+    tr.add_argument("--project", help=project_help)
+    tr.add_argument("--preset", default="tiny", help="local config: tiny or 30b-a3b-4layers")
     tr.add_argument("--model", help="path of a Qwen3-MoE checkpoint instead of a preset")
     tr.add_argument("--impl", action="append", choices=["fused", "grouped_mm", "eager", "liger"],
                     help="experts implementation (repeatable, run in order); default fused")
     tr.add_argument("--lora-r", type=int, default=0, help="LoRA rank on attention and experts; 0 = full fine-tune")
-    tr.add_argument("--gradient-checkpointing", action="store_true")
+    tr.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer's activations in backward")
     tr.add_argument("--data", help="text file to train on; default: the Python standard library's sources")
-    tr.add_argument("--steps", type=int, default=50)
-    tr.add_argument("--batch", type=int, default=4)
-    tr.add_argument("--seq", type=int, default=256)
-    tr.add_argument("--lr", type=float, default=1e-3)
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--device", default="cpu")
-    tr.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    tr.add_argument("--steps", type=int, default=50, help="optimizer steps per implementation")
+    tr.add_argument("--batch", type=int, default=4, help="sequences per step (per rank under torchrun)")
+    tr.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    tr.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    tr.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of the batches")
+    tr.add_argument("--device", default="cpu", help="cpu or cuda")
+    tr.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
     tr.add_argument("--log-every", type=int, default=10, help="one summary line every N steps (0: none)")
-    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stderr is not a terminal)")
     tr.add_argument("--out", help="folder for train.json and, with several --impl, loss.png")
     scale = tr.add_mutually_exclusive_group()
     scale.add_argument("--fsdp", action="store_true", help="FSDP2 per decoder layer (launch with torchrun)")
     scale.add_argument("--ep", type=int, default=0, metavar="N",
                        help="transformers expert parallelism over N ranks, FSDP over all (launch with torchrun)")
-    conv = sub.add_parser("convert", help="experts' checkpoint or LoRA adapter: per-expert <-> stacked, losslessly")
+    conv = sub.add_parser("convert", formatter_class=formatter, help="experts' checkpoint or LoRA adapter: per-expert <-> stacked, losslessly")
     conv.add_argument("src", help="checkpoint folder (safetensors) or PEFT adapter folder")
     conv.add_argument("dst", help="output folder (new or without weights)")
     conv.add_argument("--to", required=True, choices=["stacked", "per-expert"],
@@ -256,7 +328,16 @@ def main(argv=None) -> int:
                       help="also write num_experts and rope_theta into config.json so transformers 4.x reads it")
     args = parser.parse_args(argv)
     commands = {"build": _build, "lock": _lock, "check": _check, "train": _train_command, "convert": _convert}
-    return commands[args.command](args)
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        print(f"qwen3-moe-fused {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        print(f"qwen3-moe-fused {args.command}: error: {_one_line(err)} (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -105,9 +105,14 @@ def _check_experts_dispatch(name: str, experts: nn.Module) -> None:
 def _check(model: nn.Module, blocks, mode) -> None:
     check_transformers()
     if not blocks:
+        others = sorted({type(m).__name__ for m in model.modules()
+                         if type(m).__name__.endswith("SparseMoeBlock") and hasattr(base_experts(m), "gate_up_proj")})
+        route = (f"; its MoE blocks are {', '.join(others)}, whose own forward already calls their experts as a module "
+                 "(any shared expert stays as it is): select the fused experts for them with "
+                 "model.set_experts_implementation('qwen3_moe_fused') (import qwen3_moe_patch first)") if others else ""
         raise ValueError(
             f"{type(model).__name__} has no {LAYER_NAME} modules: patch_qwen3_moe supports transformers Qwen3-MoE "
-            "models (Qwen3MoeForCausalLM and its heads)"
+            f"models (Qwen3MoeForCausalLM and its heads){route}"
         )
     for name, block in blocks:
         experts = base_experts(block)
@@ -147,7 +152,7 @@ def _kernelize(blocks, source: KernelSource, mode) -> None:
     except Exception as err:
         for cls in marked:  # leave transformers' classes as they were
             del cls.kernel_layer_name
-        raise RuntimeError(f"cannot kernelize with {source.label}: {type(err).__name__}: {err}") from err
+        raise RuntimeError(source.failure(err).replace("cannot load kernel", "cannot kernelize with", 1)) from err
 
 
 def patch_qwen3_moe(
@@ -174,8 +179,12 @@ def patch_qwen3_moe(
     the experts as modules; the experts compute through transformers experts implementation "qwen3_moe_fused"
     (registered with the same kernel), which the patch selects in the model's config, so under FSDP2, ZeRO-3 and
     transformers' TP/EP the kernel runs inside the engine's experts call, on local weights and local expert ids.
-    On any error the model is left unchanged. Patching a patched model does nothing and says so.
+    On any error the model is left unchanged. Patching a patched model with the same source does nothing and says
+    so; with another source it switches to it and says so.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch_qwen3_moe takes a transformers Qwen3-MoE model (a torch.nn.Module), got "
+                        f"{type(model).__name__}")
     blocks = find_moe_blocks(model)
     kernelize = use_kernelize and kernel is None
     if kernelize and mode is None and blocks:
@@ -183,12 +192,16 @@ def patch_qwen3_moe(
 
         mode = kernels.Mode.TRAINING if model.training else kernels.Mode.INFERENCE
     _check(model, blocks, mode if kernelize else None)
+    source = KernelSource.resolve(kernel, repo_id, version, revision, local_path, locked, trust_remote_code)
     if any(_MARK in block.__dict__ for _, block in blocks):
         report = next(block.__dict__[_MARK][0] for _, block in blocks if _MARK in block.__dict__)
-        logger.warning("qwen3-moe-fused: model is already patched (%s); nothing done", report)
-        return report
-
-    source = KernelSource.resolve(kernel, repo_id, version, revision, local_path, locked, trust_remote_code)
+        if report.kernel == source.label and report.method == ("kernelize" if kernelize else "forward"):
+            logger.warning("qwen3-moe-fused: model is already patched (%s); nothing done", report)
+            return report
+        source.load()  # a kernel that cannot load fails here, with the model still patched as it was
+        logger.warning("qwen3-moe-fused: model was patched with %s via %s; switching to %s", report.kernel,
+                       report.method, source.label)
+        unpatch_qwen3_moe(model)
     previous = {name: block.__dict__.get("forward", _NO_FORWARD) for name, block in blocks}
     if kernelize:
         try:
@@ -230,6 +243,9 @@ def _restore(blocks, previous) -> None:
 def unpatch_qwen3_moe(model: nn.Module) -> int:
     """Restore the forwards and the experts implementation ``patch_qwen3_moe`` replaced (an implementation set
     since then is kept); returns the number of blocks restored."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unpatch_qwen3_moe takes the model patch_qwen3_moe patched (a torch.nn.Module), got "
+                        f"{type(model).__name__}")
     blocks = [(name, block) for name, block in find_moe_blocks(model) if _MARK in block.__dict__]
     _restore(blocks, {name: block.__dict__[_MARK][1] for name, block in blocks})
     for _, block in blocks:

@@ -67,7 +67,11 @@ def make_batches(tokens, steps: int, batch: int, seq: int, seed: int):
 
 def register_liger():
     """Liger-Kernel's fused_moe as transformers experts implementation "liger_fused_moe"."""
-    from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
+    try:
+        from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
+    except ImportError as err:
+        raise ImportError(f"--impl liger needs liger-kernel ({err}): pip install liger-kernel==0.8.5 (the tested "
+                          "version)") from err
     from transformers.integrations.moe import ExpertsInterface
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
@@ -318,29 +322,43 @@ def per_rank_table(results) -> str | None:
 def table(results, baseline="grouped_mm") -> str:
     """Markdown: tokens/s (and ÷ the baseline's), peak memory, final loss (mean of the last 10 steps)."""
     base = next((r for r in results if r.impl == baseline), None)
-    lines = ["| impl | tokens/s | × " + baseline + " | peak MiB | final loss | max abs loss diff vs " + baseline + " |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| impl | tokens/s | × " + baseline + " | peak MiB | mean loss, last 10 steps | max abs loss diff vs "
+             + baseline + " |", "|---|---|---|---|---|---|"]
     for r in results:
         speed = f"{r.tokens_per_second() / base.tokens_per_second():.2f}" if base else "–"
         diff = f"{max(abs(a - b) for a, b in zip(r.losses, base.losses)):.2e}" if base else "–"
-        lines.append(f"| {r.impl} | {r.tokens_per_second():.0f} | {speed} | {r.peak_mib:.0f} | {r.final_loss():.4f} "
-                     f"| {diff} |")
+        peak = f"{r.peak_mib:.0f}" if r.peak_mib else "n/a (CPU)"
+        lines.append(f"| {r.impl} | {r.tokens_per_second():.0f} | {speed} | {peak} | {r.final_loss():.4f} | {diff} |")
     return "\n".join(lines)
 
 
 def plot(results, path, title=""):
+    """Loss curves (distinct line styles, so equal curves stay visible) and, below, each curve minus the
+    first's, step by step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in results:
-        ax.plot(range(1, len(r.losses) + 1), r.losses, label=r.impl, linewidth=1)
-    ax.set(xlabel="step", ylabel="loss", title=title)
+    fig, (ax, diff) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
+    styles = ("-", "--", ":", "-.")
+    base = results[0]
+    for i, r in enumerate(results):
+        steps = range(1, len(r.losses) + 1)
+        ax.plot(steps, r.losses, styles[i % len(styles)], label=r.impl, linewidth=1.5 if i else 2.5, alpha=0.9)
+        if i:
+            diff.plot(steps, [a - b for a, b in zip(r.losses, base.losses)], styles[i % len(styles)],
+                      label=f"{r.impl} − {base.impl}", linewidth=1)
+    ax.set(ylabel="loss", title=title)
     ax.legend()
+    diff.axhline(0, color="grey", linewidth=0.5)
+    diff.set(xlabel="step", ylabel=f"loss − {base.impl}")
+    diff.legend()
+    diff.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return fig
 
 
 __all__ = ["IMPLS", "RunResult", "build_model", "compare", "environment", "make_batches", "make_optimizer",

@@ -41,7 +41,11 @@ def default_kernel_version(torch_version: str | None = None) -> int:
     """Kernel version for the running torch: ``$QWEN3_MOE_FUSED_VERSION``, else the tested one for this torch,
     else (with a warning naming what is tested) the newest tested version."""
     if os.environ.get("QWEN3_MOE_FUSED_VERSION"):
-        return int(os.environ["QWEN3_MOE_FUSED_VERSION"])
+        value = os.environ["QWEN3_MOE_FUSED_VERSION"]
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"QWEN3_MOE_FUSED_VERSION must be a kernel version number such as 1, got {value!r}: "
+                             "unset it to load the version tested with this torch")
+        return int(value)
     if torch_version is None:
         import torch
 

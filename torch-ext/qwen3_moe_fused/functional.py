@@ -1,7 +1,8 @@
 """Public functional API: validates inputs, then runs the experts on the best path for the tensors' device.
 
-CUDA tensors (and any tensors under ``TRITON_INTERPRET=1``) go through the Triton kernels (``ops``); other
-tensors through the pure-torch ``reference``, which says so once. Distributed tensors: replicated DTensors are
+CUDA tensors (and any tensors under ``TRITON_INTERPRET=1``, except bfloat16 ones, whose dots Triton 3.6's
+interpreter computes wrongly) go through the Triton kernels (``ops``); other tensors through the pure-torch
+``reference``, which says so once. Distributed tensors: replicated DTensors are
 computed on locally; sharded ones are refused (``_localize``), since their expert ids and weights could not match.
 """
 
@@ -119,8 +120,9 @@ def moe_experts(
     _check_inputs(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, activation)
     if lora is not None:
         _check_lora(lora, gate_up_proj, down_proj)
-    if hidden.shape[0] == 0 or not (hidden.is_cuda or ops._INTERPRET):
-        _say_reference(hidden)
+    if hidden.shape[0] == 0 or not (hidden.is_cuda or ops._INTERPRET) or (
+            ops._INTERPRET and gate_up_proj.dtype == torch.bfloat16):
+        _say_reference(hidden, gate_up_proj.dtype)
         return reference.moe_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, lora=lora)
     # Like transformers' grouped_mm path, compute in the weights' dtype and return hidden's.
     x = hidden.to(gate_up_proj.dtype)
@@ -159,11 +161,16 @@ def tune(hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
             moe_experts(x, index, weights, gate_up, down, lora=factors).sum().backward()
 
 
-def _say_reference(hidden):
+def _say_reference(hidden, dtype):
     global _said_reference
     if not _said_reference and hidden.shape[0]:
         _said_reference = True
-        _logger.warning(
-            "qwen3-moe-fused: %s tensors use the pure-torch reference path; the Triton kernels run on CUDA "
-            "(or anywhere under TRITON_INTERPRET=1)", hidden.device.type,
-        )
+        if ops._INTERPRET:  # Triton 3.6's interpreter multiplies bfloat16 dot operands as raw integers
+            _logger.warning("qwen3-moe-fused: %s weights under TRITON_INTERPRET=1 use the pure-torch reference "
+                            "path: Triton's interpreter computes bfloat16 dots wrongly (use float32 or float16 there)",
+                            dtype)
+        else:
+            _logger.warning(
+                "qwen3-moe-fused: %s tensors use the pure-torch reference path; the Triton kernels run on CUDA "
+                "(or anywhere under TRITON_INTERPRET=1)", hidden.device.type,
+            )
