@@ -256,3 +256,19 @@ def test_qwen3_next_and_qwen3_5_moe_are_refused_with_the_route_that_works(kernel
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         if p.grad is not None or q.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=2e-5, atol=2e-5, msg=name)
+
+
+def test_importing_the_plugin_is_light_and_still_registers_the_experts_implementation():
+    code = """
+    import sys, time
+    start = time.perf_counter()
+    import qwen3_moe_patch
+    took = time.perf_counter() - start
+    assert "torch" not in sys.modules and "transformers" not in sys.modules, took
+    from transformers.integrations.moe import ExpertsInterface
+    assert "qwen3_moe_fused" in ExpertsInterface._global_mapping
+    print(f"{took:.2f}")
+    """
+    result = _python(code, dict(os.environ))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.split()[-1]) < 1.0

@@ -138,7 +138,7 @@ def _check(args) -> int:
         dtype = getattr(torch, args.dtype)
         eager = make_model(seed=0, experts_implementation="eager").to(args.device, dtype)
         fused = make_model(seed=0).to(args.device, dtype)
-        report = patch_qwen3_moe(fused, kernel=kernel)
+        report = patch_qwen3_moe(fused, version=version)
         print(report)
 
         gen = torch.Generator().manual_seed(1)

@@ -10,17 +10,21 @@ exactly as for the unpatched model (the experts implementation is not saved in c
 back by ``unpatch_qwen3_moe``.
 """
 
+from __future__ import annotations
+
 import logging
 import os
 import sys
 from dataclasses import dataclass
 from types import MethodType, ModuleType
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .experts_interface import IMPLEMENTATION_NAME, register_experts_implementation
 from .kernel_source import KernelSource, kernel_location
 from .versions import check_transformers
+
+if TYPE_CHECKING:  # torch is imported where it is used, so importing the package (e.g. for --help) stays light
+    from torch import nn
 
 __all__ = ["PatchReport", "find_moe_blocks", "patch_qwen3_moe", "unpatch_qwen3_moe"]
 
@@ -182,6 +186,8 @@ def patch_qwen3_moe(
     On any error the model is left unchanged. Patching a patched model with the same source does nothing and says
     so; with another source it switches to it and says so.
     """
+    from torch import nn
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_qwen3_moe takes a transformers Qwen3-MoE model (a torch.nn.Module), got "
                         f"{type(model).__name__}")
@@ -243,6 +249,8 @@ def _restore(blocks, previous) -> None:
 def unpatch_qwen3_moe(model: nn.Module) -> int:
     """Restore the forwards and the experts implementation ``patch_qwen3_moe`` replaced (an implementation set
     since then is kept); returns the number of blocks restored."""
+    from torch import nn
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"unpatch_qwen3_moe takes the model patch_qwen3_moe patched (a torch.nn.Module), got "
                         f"{type(model).__name__}")
