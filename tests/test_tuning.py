@@ -1,7 +1,8 @@
 """Launch configurations: every autotune candidate computes the reference's result; the tuner and its switches.
 
 The candidates are checked on CPU through the interpreter (float64, the configs forced) and on the GPU (bfloat16
-at Qwen3-30B-A3B shapes); timing and the cache file only exist on the GPU.
+at Qwen3-30B-A3B shapes); the selection and the cache file on CPU with a fake timer, and with real timing on the
+GPU.
 """
 
 import json
@@ -49,8 +50,44 @@ def test_rows_bucket_and_switch(kernel, monkeypatch):
     tuning = kernel.tuning
     assert [tuning.rows_bucket(rows, 128) for rows in (1, 128, 129, 8 * 4096, 8 * 4096 + 1)] == [1, 1, 1, 256, 256]
     assert tuning.rows_bucket(8 * 16384, 128) == 1024 and tuning.rows_bucket(8 * 1000, 128) == 64
+    monkeypatch.delenv("QWEN3_MOE_FUSED_AUTOTUNE", raising=False)
+    assert tuning.enabled()
     monkeypatch.setenv("QWEN3_MOE_FUSED_AUTOTUNE", "0")
     assert not tuning.enabled()
+    monkeypatch.setenv("QWEN3_MOE_FUSED_AUTOTUNE", "1")
+    assert tuning.enabled()
+
+
+def test_selection_keeps_the_fastest_and_the_cache_file_serves_a_later_process(kernel, tmp_path, monkeypatch):
+    """The tuner's choice logic with a fake timer (no GPU): fastest fitting candidate, pruning by BLOCK_N, one
+    timing per key, the cache file written and read back, a config that does not fit skipped."""
+    tuning = kernel.tuning
+    cache = tmp_path / "tuning.json"
+    monkeypatch.setenv("QWEN3_MOE_FUSED_AUTOTUNE_CACHE", str(cache))
+    monkeypatch.setattr(tuning, "_chosen", {})
+    monkeypatch.setattr(tuning, "_loaded_file", None)
+    timed = []
+    speed = {2: 0.5, 1: 0.7, 0: None, 3: 0.9}  # candidate index -> ms (None: does not fit)
+
+    def fake(config):
+        timed.append(config)
+        return speed[tuning.CANDIDATES["grouped_gemm"].index(config)]
+
+    key = ("grouped_gemm", "bfloat16", 2048, 768, False, 0, 128, 256)
+    assert tuning.select("grouped_gemm", key, 2048, fake) == tuning.CANDIDATES["grouped_gemm"][2]
+    assert len(timed) == 4
+    assert tuning.select("grouped_gemm", key, 2048, fake) == tuning.CANDIDATES["grouped_gemm"][2] and len(timed) == 4
+    narrow = ("grouped_gemm", "bfloat16", 100, 768, False, 0, 128, 256)  # n = 100: BLOCK_N 256 is pruned
+    tuning.select("grouped_gemm", narrow, 100, fake)
+    assert all(c["BLOCK_N"] < 200 for c in timed[4:]) and len(timed) == 6
+    entries = {tuple(e["key"]): e["config"] for e in json.loads(cache.read_text())}
+    assert entries == tuning._chosen
+    monkeypatch.setattr(tuning, "_chosen", {})  # a later process
+    monkeypatch.setattr(tuning, "_loaded_file", None)
+    assert tuning.select("grouped_gemm", key, 2048, lambda c: pytest.fail("timed again")) == \
+        tuning.CANDIDATES["grouped_gemm"][2]
+    with pytest.raises(RuntimeError, match="no launch config of kernel wgrad fits"):
+        tuning.select("wgrad", ("wgrad", "bfloat16", 1), 4096, lambda c: None)
 
 
 @pytest.mark.gpu

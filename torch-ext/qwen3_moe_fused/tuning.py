@@ -65,7 +65,8 @@ def rows_bucket(num_rows: int, num_experts: int) -> int:
 
 
 def enabled() -> bool:
-    return os.environ.get("QWEN3_MOE_FUSED_AUTOTUNE", "1") != "0" and not _INTERPRET
+    """The switch ``QWEN3_MOE_FUSED_AUTOTUNE`` (on unless "0"). Under the interpreter nothing is timed anyway."""
+    return os.environ.get("QWEN3_MOE_FUSED_AUTOTUNE", "1") != "0"
 
 
 @contextlib.contextmanager
@@ -134,27 +135,33 @@ def choose(kind, key, dtype, launch, n, thin_n=None):
     if not enabled():
         return launch(*_split(CANDIDATES[kind][0], dtype, thin_n))
     _load_file()
-    config = _chosen.get(full_key)
-    if config is None:
-        if torch.cuda.is_current_stream_capturing():
-            return launch(*_split(CANDIDATES[kind][0], dtype, thin_n))
-        config = _tune(kind, full_key, dtype, launch, n, thin_n)
+    if full_key not in _chosen and torch.cuda.is_current_stream_capturing():
+        return launch(*_split(CANDIDATES[kind][0], dtype, thin_n))
+    config = select(kind, full_key, n, lambda config: _time(launch, _split(config, dtype, thin_n)))
     return launch(*_split(config, dtype, thin_n))
 
 
-def _tune(kind, full_key, dtype, launch, n, thin_n):
+def _time(launch, split):
+    """Median milliseconds of one launch with these block sizes and options, or None where they do not fit the GPU."""
     import triton
 
-    timings = []
+    try:
+        return triton.testing.do_bench(lambda: launch(*split), warmup=5, rep=25, return_mode="median")
+    except triton.runtime.errors.OutOfResources:  # e.g. shared memory of a smaller GPU
+        return None
+
+
+def select(kind, full_key, n, time):
+    """The config of ``kind`` for ``full_key``: this process's choice or the cache file's, else the fastest candidate
+    by ``time(config)`` (milliseconds, or None for one that does not fit), which is kept and written to the cache
+    file. Candidates with BLOCK_N ≥ 2n are not timed (tiles mostly past the last column)."""
+    _load_file()
+    config = _chosen.get(full_key)
+    if config is not None:
+        return config
     fitting = [c for c in CANDIDATES[kind] if c["BLOCK_N"] < 2 * n] or \
-        [min(CANDIDATES[kind], key=lambda c: c["BLOCK_N"])]  # pruning: no tile mostly past the last column
-    for config in fitting:
-        split = _split(config, dtype, thin_n)
-        try:
-            ms = triton.testing.do_bench(lambda: launch(*split), warmup=5, rep=25, return_mode="median")
-        except triton.runtime.errors.OutOfResources:  # e.g. shared memory of a smaller GPU
-            continue
-        timings.append((ms, config))
+        [min(CANDIDATES[kind], key=lambda c: c["BLOCK_N"])]
+    timings = [(ms, c) for c in fitting if (ms := time(c)) is not None]
     if not timings:
         raise RuntimeError(f"qwen3-moe-fused: no launch config of kernel {kind} fits this GPU ({full_key})")
     ms, config = min(timings, key=lambda item: item[0])
