@@ -32,8 +32,8 @@ TOL = 2e-5
 
 
 def _curves(kernel, impls, lora_r=0, gradient_checkpointing=False, lr=LR, device="cpu", dtype="float32",
-            steps=STEPS, **config):
-    results = train.compare(impls, steps=steps, batch=BATCH, seq=SEQ, seed=0, preset="tiny", lora_r=lora_r,
+            steps=STEPS, seed=0, **config):
+    results = train.compare(impls, steps=steps, batch=BATCH, seq=SEQ, seed=seed, preset="tiny", lora_r=lora_r,
                             gradient_checkpointing=gradient_checkpointing, device=device, dtype=dtype, lr=lr,
                             kernel=kernel, show_progress=False, log=lambda *_: None,
                             config_overrides=dict(num_hidden_layers=1) | config)
@@ -100,21 +100,29 @@ def test_unknown_impl_is_refused():
 @pytest.mark.parametrize("gradient_checkpointing", [False, True], ids=["no_gc", "gc"])
 @pytest.mark.parametrize("lora_r", [0, 8], ids=["full", "lora"])
 def test_gpu_bfloat16_200_steps_track_float32_as_closely_as_grouped_mm(kernel, lora_r, gradient_checkpointing):
+    """bf16 runs drift from the float32 trajectory (a chaotic one: per-step gaps between any two bf16 runs reach
+    ~1); ours may drift no more than twice as far as stock HF. One seed is one draw of that drift: over 8 seeds
+    of LoRA (benchmarks/results/2026-12-01_h200_train_parity_seeds_lora8.json) ours is the nearer in 3 and
+    more than twice as far in 1, means 0.174 vs 0.153, while per step our LoRA gradients are the more exact
+    (2026-12-01_h200_accuracy_lora.json). So LoRA compares the mean over 4 seeds, not one seed's gap."""
     lr = LR * (10 if lora_r else 1)
     model = dict(num_hidden_layers=4, hidden_size=256)
-    bf16 = _curves(kernel, ["fused", "grouped_mm"], lora_r, gradient_checkpointing, lr=lr, device="cuda",
-                   dtype="bfloat16", steps=200, **model)
-    fp32 = _curves(kernel, ["grouped_mm"], lora_r, gradient_checkpointing, lr=lr, device="cuda", dtype="float32",
-                   steps=200, **model)["grouped_mm"]
-
-    fused, base, exact = (train.window_means(c) for c in (bf16["fused"], bf16["grouped_mm"], fp32))
-    ours = max(abs(a - b) for a, b in zip(fused, exact))
-    stock = max(abs(a - b) for a, b in zip(base, exact))
+    seeds = (0, 1, 2, 3) if lora_r and not gradient_checkpointing else (0,)  # checkpointing: bit-identical (below)
+    ours, stock = [], []
+    for seed in seeds:
+        bf16 = _curves(kernel, ["fused", "grouped_mm"], lora_r, gradient_checkpointing, lr=lr, device="cuda",
+                       dtype="bfloat16", steps=200, seed=seed, **model)
+        fp32 = _curves(kernel, ["grouped_mm"], lora_r, gradient_checkpointing, lr=lr, device="cuda", dtype="float32",
+                       steps=200, seed=seed, **model)["grouped_mm"]
+        fused, base, exact = (train.window_means(c) for c in (bf16["fused"], bf16["grouped_mm"], fp32))
+        ours.append(max(abs(a - b) for a, b in zip(fused, exact)))
+        stock.append(max(abs(a - b) for a, b in zip(base, exact)))
+        assert exact[-1] < exact[0] - 0.2  # the curves follow a trajectory that learns
     if os.environ.get("QWEN3_MOE_FUSED_RESULTS"):  # the agreement figures, for benchmarks/gpu_train.sh
         name = f"parity_{'lora' if lora_r else 'full'}_{'gc' if gradient_checkpointing else 'no_gc'}.json"
         Path(os.environ["QWEN3_MOE_FUSED_RESULTS"], name).write_text(json.dumps({
-            "fused_vs_fp32": ours, "grouped_mm_vs_fp32": stock, "fused_vs_grouped_mm_raw_max": max(
-                abs(a - b) for a, b in zip(bf16["fused"], bf16["grouped_mm"])), "curves": {**bf16, "fp32": fp32}}))
-    assert exact[-1] < exact[0] - 0.2  # the curves follow a trajectory that learns
-    # bf16 training drifts from the float32 trajectory; ours may drift no more than twice as far as stock HF
-    assert ours <= 2 * stock + 1e-3, f"fused bf16 vs fp32 {ours:.3e}, grouped_mm bf16 vs fp32 {stock:.3e}"
+            "seeds": list(seeds), "fused_vs_fp32": ours, "grouped_mm_vs_fp32": stock,
+            "fused_vs_grouped_mm_raw_max": max(abs(a - b) for a, b in zip(bf16["fused"], bf16["grouped_mm"])),
+            "curves": {**bf16, "fp32": fp32}}))
+    mean_ours, mean_stock = sum(ours) / len(ours), sum(stock) / len(stock)
+    assert mean_ours <= 2 * mean_stock + 1e-3, f"fused bf16 vs fp32 {ours}, grouped_mm bf16 vs fp32 {stock}"
