@@ -235,8 +235,8 @@ def _convert(args) -> int:
         from .adapters import convert_adapter
 
         if args.max_shard_size or args.config_for:
-            print("--max-shard-size and --config-for apply to model checkpoints, not to adapters", file=sys.stderr)
-            return 2
+            raise ValueError(f"{args.src} is a LoRA adapter; --max-shard-size and --config-for apply to model "
+                             "checkpoints only: drop them")
         summary = convert_adapter(args.src, args.dst, to=args.to)
         ranks = ", ".join(f"{name}_proj r{p['rank']} alpha {p['alpha']}" for name, p in summary["projections"].items())
         print(f"{args.dst}: LoRA adapter {summary['from']} -> {summary['to']}, {summary['layers']} layers ({ranks})")
