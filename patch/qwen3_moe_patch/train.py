@@ -268,6 +268,27 @@ def compare(impls, *, steps, batch, seq, seed=0, data=None, preset="tiny", model
     return results
 
 
+def _commit() -> str:
+    """The code measured: $QWEN3_MOE_FUSED_COMMIT (set where the checkout travels without .git, as to the GPU
+    machine), else the checkout's short commit id, "-dirty" with uncommitted changes; "unknown" outside one."""
+    import os
+    import subprocess
+
+    if os.environ.get("QWEN3_MOE_FUSED_COMMIT"):
+        return os.environ["QWEN3_MOE_FUSED_COMMIT"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=30)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if head.returncode:
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def environment(device="cpu") -> dict:
     """Date, versions and device of a run, for its results file."""
     import datetime
@@ -276,7 +297,7 @@ def environment(device="cpu") -> dict:
     import torch
     import transformers
 
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": _commit(),
            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
     for name in ("triton", "peft", "liger_kernel"):
         try:

@@ -1,0 +1,167 @@
+"""Host time of one MoE experts call: eager vs CUDA-graph replay, and the time to enqueue calls without syncing.
+
+    python benchmarks/host_time.py --build build --out host.json [--impls fused module grouped_mm liger]
+        [--tokens 1024 4096] [--profile fused:1024]
+
+Every implementation runs in its own process (a failed CUDA-graph capture must not poison the next one) on the
+inputs of bench_experts.py (30b-a3b shape, bf16, uniform routing, full fine-tuning: gradients of x, top_k_weights
+and both weights). Per implementation and T:
+
+- eager fwd / fwd+bwd ms: ``triton.testing.do_bench`` medians, as bench_experts.py times them;
+- graph fwd / fwd+bwd ms: the same work captured once in a CUDA graph and replayed (the GPU's time with no host
+  in the way);
+- enqueue fwd / fwd+bwd ms: host wall time per call of 20 calls issued back to back without synchronising,
+  after a warm-up: what the host needs to hand one call to the GPU (the eager time is the larger of it and the
+  graph time, roughly).
+
+``--profile IMPL:T`` also prints the cProfile of 20 such fwd+bwd calls (top functions by own time).
+"""
+
+import argparse
+import cProfile
+import json
+import pstats
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+import bench_experts
+
+CALLS = 20
+LABELS = {"fused": "qwen3-moe-fused", "module": "qwen3-moe-fused (experts module)",
+          "grouped_mm": "transformers grouped_mm", "liger": "liger fused_moe"}
+
+
+def _enqueue_ms(step, calls=CALLS):
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed * 1e3 / calls
+
+
+def _graph_ms(step):
+    """Median replay time of ``step`` captured in a CUDA graph (after warm-up on a side stream, as torch advises)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+
+
+def measure(impl, T, profile=False):
+    """One row: eager, graph and enqueue milliseconds of ``impl`` at T tokens (errors are kept, not raised)."""
+    kernel = _kernel()
+    shape = bench_experts.SHAPES["30b-a3b"]
+    fn = bench_experts._implementations(kernel, shape, [impl])[LABELS[impl]]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    leaves, index, dout = bench_experts._inputs(shape, "uniform", T, gen)
+    x, weights, w1, w2 = leaves
+    args = (x, index, weights, w1, w2)
+    row = {"impl": LABELS[impl], "T": T}
+
+    def forward():
+        with torch.no_grad():
+            fn(*args)
+
+    def forward_backward():
+        fn(*args).backward(dout)
+
+    try:
+        forward_backward()  # compile and autotune outside every measurement
+        for t in leaves:
+            t.grad = None
+        row["eager_fwd_ms"] = triton.testing.do_bench(forward, warmup=25, rep=100, return_mode="median")
+        row["eager_fwd_bwd_ms"] = triton.testing.do_bench(forward_backward, warmup=25, rep=100, grad_to_none=leaves,
+                                                          return_mode="median")
+        row["enqueue_fwd_ms"] = _enqueue_ms(forward)
+        row["enqueue_fwd_bwd_ms"] = _enqueue_ms(forward_backward)
+        if profile:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            _enqueue_ms(forward_backward)
+            profiler.disable()
+            print(f"\ncProfile of {CALLS} fwd+bwd calls of {row['impl']} at T={T} (host only)", file=sys.stderr)
+            pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)
+    except Exception as err:
+        row["error"] = f"{type(err).__name__}: {err}"[:300]
+        return row
+    for name, step in (("graph_fwd_ms", forward), ("graph_fwd_bwd_ms", forward_backward)):
+        try:
+            row[name] = _graph_ms(step)
+        except Exception as err:  # capture refused: say so in the row, keep the eager figures
+            row[name] = None
+            row.setdefault("graph_error", f"{type(err).__name__}: {err}"[:300])
+            break  # the capturing stream may be unusable after a failed capture
+    return row
+
+
+_KERNEL = None
+
+
+def _kernel():
+    global _KERNEL
+    if _KERNEL is None:
+        import kernels
+
+        _KERNEL = kernels.get_local_kernel(Path(ARGS.build))
+    return _KERNEL
+
+
+def _table(rows):
+    lines = ["| impl | T | eager fwd | graph fwd | enqueue fwd | eager fwd+bwd | graph fwd+bwd | enqueue fwd+bwd |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['impl']} | {r['T']} | error: {r['error'][:90]} | | | | | |")
+            continue
+        cells = [r.get(k) for k in ("eager_fwd_ms", "graph_fwd_ms", "enqueue_fwd_ms", "eager_fwd_bwd_ms",
+                                    "graph_fwd_bwd_ms", "enqueue_fwd_bwd_ms")]
+        lines.append(f"| {r['impl']} | {r['T']} | " + " | ".join("–" if c is None else f"{c:.2f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    global ARGS
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--build", default="build", help="kernel build folder (qwen3-moe-fused build)")
+    parser.add_argument("--out", default="host_time.json", help="results JSON (environment and rows)")
+    parser.add_argument("--impls", nargs="+", default=list(LABELS), choices=list(LABELS))
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--profile", default="", help="IMPL:T whose fwd+bwd calls are profiled with cProfile")
+    parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # IMPL: run in this process, print JSON rows
+    ARGS = parser.parse_args()
+    if ARGS.one:
+        for T in ARGS.tokens:
+            print(json.dumps(measure(ARGS.one, T, profile=ARGS.profile == f"{ARGS.one}:{T}")), flush=True)
+        return
+    rows = []
+    for impl in ARGS.impls:
+        cmd = [sys.executable, __file__, "--build", ARGS.build, "--one", impl, "--profile", ARGS.profile,
+               "--tokens", *map(str, ARGS.tokens)]
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        got = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode and len(got) < len(ARGS.tokens):
+            got += [{"impl": LABELS[impl], "T": T, "error": f"process exited {done.returncode}"}
+                    for T in ARGS.tokens[len(got):]]
+        rows += got
+    env = bench_experts._environment()
+    Path(ARGS.out).write_text(json.dumps({"environment": env, "calls_per_enqueue": CALLS, "results": rows}, indent=1))
+    print(f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}; "
+          f"30b-a3b experts, bf16, uniform routing, full fwd+bwd; ms per call")
+    print(_table(rows))
+
+
+if __name__ == "__main__":
+    main()
