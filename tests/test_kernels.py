@@ -154,38 +154,54 @@ def test_saves_only_hidden_z_weights_and_indices(kernel):
 
 
 def test_device_routing_matches_reference_routing(kernel):
-    route = kernel.kernels.routing.route
+    route = kernel.ops.route
     for case in sorted(CASES):
         index, _, E = make_routing(case, torch.Generator().manual_seed(16))
         T, K = index.shape
         ref = kernel.reference.route(index, E)
-        r = route(index.to(DEVICE), E, block_m=16)
-        assert torch.equal(r.offsets.cpu().long(), ref.offsets)
         n = int(ref.offsets[-1])
-        assert torch.equal(r.row_pair[:n].cpu().long(), ref.order[:n])
-        want = torch.where(ref.valid.reshape(-1), ref.inverse.reshape(-1), -1)
-        assert torch.equal(r.pair_row.cpu().long(), want)
-        covered = torch.zeros(T * K, dtype=torch.int64)  # every row in exactly one tile of its expert
-        for e, row in zip(r.tile_expert.tolist(), r.tile_row.tolist()):
-            if e == -1:
-                continue
-            start, end = (int(ref.offsets[e]), int(ref.offsets[e + 1])) if e >= 0 else (n, T * K)
-            lo, hi = row, min(row + 16, end)
-            assert lo >= start and hi > lo, (case, e, row)
-            covered[lo:hi] += 1
-        assert (covered == 1).all(), case
-        real_tiles = sum(-(-c // 16) for c in ref.counts.tolist())
-        assert (r.tile_expert >= 0).sum().item() == real_tiles
-        for height in (1, 4, 64):  # another kernel's tile height, rebuilt from the offsets, equals route's own table
-            bounds = kernel.kernels.routing.bounds_of(r.offsets, T * K)
-            rebuilt = kernel.kernels.routing.tile_table(bounds, T * K, height)
-            direct = route(index.to(DEVICE), E, block_m=height)
-            assert torch.equal(rebuilt[0], direct.tile_expert) and torch.equal(rebuilt[1], direct.tile_row), case
-        assert (r.tile_expert == -2).sum().item() == -(-(T * K - n) // 16)
+        for height in (1, 4, 16, 64):
+            r = route(index.to(DEVICE), E, block_m=height)
+            assert torch.equal(r.offsets.cpu().long(), ref.offsets), (case, height)
+            assert torch.equal(r.row_pair[:n].cpu().long(), ref.order[:n]), (case, height)
+            assert sorted(r.row_pair[n:].tolist()) == sorted(set(range(T * K)) - set(ref.order[:n].tolist()))
+            want = torch.where(ref.valid.reshape(-1), ref.inverse.reshape(-1), -1)
+            assert torch.equal(r.pair_row.cpu().long(), want), (case, height)
+            covered = torch.zeros(T * K, dtype=torch.int64)  # every row in exactly one tile of its expert
+            for e, row in zip(r.tile_expert.tolist(), r.tile_row.tolist()):
+                if e == -1:
+                    assert row == 0
+                    continue
+                start, end = (int(ref.offsets[e]), int(ref.offsets[e + 1])) if e >= 0 else (n, T * K)
+                lo, hi = row, min(row + height, end)
+                assert lo >= start and hi > lo, (case, height, e, row)
+                covered[lo:hi] += 1
+            assert (covered == 1).all(), (case, height)
+            assert (r.tile_expert >= 0).sum().item() == sum(-(-c // height) for c in ref.counts.tolist())
+            assert (r.tile_expert == -2).sum().item() == -(-(T * K - n) // height), (case, height)
+            used = (r.tile_expert != -1).nonzero().flatten()  # used tiles first, in row order
+            assert torch.equal(used, torch.arange(used.numel())) and (r.tile_row[used].diff() > 0).all()
+
+
+def test_device_routing_over_many_chunks(kernel):
+    """More pairs than one chunk's program takes (chunks of 64 pairs, up to 256 chunks, then longer chunks): the
+    cross-chunk prefix sums and the within-chunk ranks both count, on random and on skewed ids."""
+    gen = torch.Generator().manual_seed(17)
+    E = 12
+    for T, K in ((300, 3), (4100, 5)):  # 900 pairs: 15 chunks; 20500 pairs: 81-pair chunks rounded to 128
+        uniform = torch.randint(-1, E + 2, (T, K), generator=gen)  # with ids outside [0, E): dropped
+        skewed = torch.where(torch.rand(T, K, generator=gen) < 0.7, 3, uniform)
+        for index in (uniform, skewed):
+            ref = kernel.reference.route(index, E)
+            r = kernel.ops.route(index.to(DEVICE), E, block_m=16)
+            n = int(ref.offsets[-1])
+            assert torch.equal(r.offsets.cpu().long(), ref.offsets)
+            assert torch.equal(r.row_pair[:n].cpu().long(), ref.order[:n])
+            assert torch.equal(r.pair_row.cpu().long(), torch.where(ref.valid.reshape(-1), ref.inverse.reshape(-1), -1))
 
 
 def _op_args(kernel, leaves, index, block_m, lora=(None, None, None, None)):
-    routing = kernel.kernels.routing.route(index, leaves[2].shape[0], block_m)
+    routing = kernel.ops.route(index, leaves[2].shape[0], block_m)
     return (*leaves, *routing, block_m, *lora, 0.5, 2.0)
 
 

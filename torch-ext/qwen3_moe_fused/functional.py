@@ -16,7 +16,6 @@ except ImportError:  # torch built without distributed
     DTensor = None
 
 from . import ops, reference
-from .kernels.routing import route
 from .reference import ExpertsLora
 
 _logger = logging.getLogger(__name__)
@@ -127,11 +126,11 @@ def moe_experts(
     # Like transformers' grouped_mm path, compute in the weights' dtype and return hidden's.
     x = hidden.to(gate_up_proj.dtype)
     block_m = ops.block_m_for(top_k_index.numel(), gate_up_proj.shape[0])
-    routing = route(top_k_index, gate_up_proj.shape[0], block_m)
+    routing = ops.route(top_k_index, gate_up_proj.shape[0], block_m)
     # PEFT hands B over as a permuted view; the kernels read factor tiles, so give them dense rows (a few MB).
     lora = ExpertsLora(*(None if t is None else t.contiguous() for t in (lora or ExpertsLora())[:4]),
                        *(lora or ExpertsLora())[4:])
-    out, *_ = ops.experts_forward(x, top_k_weights, gate_up_proj, down_proj, *routing, block_m, lora.gate_up_a,
+    out, *_ = ops.experts(x, top_k_weights, gate_up_proj, down_proj, *routing, block_m, lora.gate_up_a,
                                   lora.gate_up_b, lora.down_a, lora.down_b, float(lora.gate_up_scale),
                                   float(lora.down_scale))
     return out.to(hidden.dtype)

@@ -10,6 +10,10 @@
         -> combine (gather-sum) -> expert_wgrad for each weight or factor asked for.
         Gradients not asked for are skipped and returned as empty tensors (None to autograd).
 
+``experts`` (what ``moe_experts`` calls) runs experts_forward with its autograd: through the custom op when
+torch.compile or export traces it, through a plain ``autograd.Function`` over the same functions in eager mode
+(fewer host microseconds per call). ``route`` builds the routing the ops take (``kernels/routing.py``).
+
 Triton is imported when a kernel first runs, so the package imports (and its reference path works) without it.
 """
 
@@ -37,6 +41,23 @@ def _triton():
     except ImportError as err:
         raise ImportError(f"qwen3-moe-fused's kernels need Triton ({err}); install triton, or use CPU tensors") from err
     return triton, tl, kernels
+
+
+def route(top_k_index, num_experts, block_m):
+    """The routing metadata the kernels launch over (``kernels.routing``: three small launches); a custom op
+    when torch.compile or export traces it."""
+    if torch.compiler.is_compiling():
+        return routing_op(top_k_index, num_experts, block_m)
+    return _triton()[2].routing.route(top_k_index, num_experts, block_m)
+
+
+def _route(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> list[torch.Tensor]:
+    return list(_triton()[2].routing.route(top_k_index, num_experts, block_m, one_buffer=False))
+
+
+def _route_fake(top_k_index, num_experts, block_m):
+    rows, tiles = top_k_index.numel(), tuning.max_tiles(top_k_index.numel(), num_experts, block_m)
+    return [top_k_index.new_empty(n, dtype=torch.int32) for n in (rows, rows, num_experts + 1, tiles, tiles)]
 
 
 def _acc(tl, dtype):
@@ -221,19 +242,19 @@ def _experts_backward(
     partial_dtype = torch.float64 if acc == tl.float64 else torch.float32
 
     def launch(blocks, options):
-        # dgrad may run its own M-tile height (its epilogue fits in registers at 64 rows); its table is rebuilt
+        # dgrad may run lower M-tiles (its epilogue fits in registers at 64 rows): each routing tile is then split
         tile_m = blocks.get("BLOCK_M", block_m)
-        tiles = (tile_expert, tile_row) if tile_m == block_m else \
-            kernels.routing.tile_table(kernels.routing.bounds_of(offsets, T * K), T * K, tile_m)
+        if tile_m > block_m or block_m % tile_m:  # (the interpreter's 16-row routing under a forced 64-row config)
+            tile_m = block_m
         n_blocks = triton.cdiv(I, blocks["BLOCK_N"])
         ds_partial = torch.empty(n_blocks, T * K, dtype=partial_dtype, device=z.device)
-        kernels.down_dgrad_dswiglu.down_dgrad_dswiglu_kernel[(tiles[0].numel() * n_blocks,)](
+        kernels.down_dgrad_dswiglu.down_dgrad_dswiglu_kernel[(tile_expert.numel() * (block_m // tile_m) * n_blocks,)](
             grad_out, down_proj, z, top_k_weights, dz, hs, ds_partial, row_pair_ptr=row_pair,
-            tile_expert_ptr=tiles[0], tile_row_ptr=tiles[1], offsets_ptr=offsets, I=I, H=H, K_SLOTS=K,
+            tile_expert_ptr=tile_expert, tile_row_ptr=tile_row, offsets_ptr=offsets, I=I, H=H, K_SLOTS=K,
             NUM_ROWS=T * K, stride_dt=grad_out.stride(0), stride_dh=grad_out.stride(1), stride_we=down_proj.stride(0),
             stride_wh=down_proj.stride(1), stride_wi=down_proj.stride(2), stride_st=top_k_weights.stride(0),
-            stride_sk=top_k_weights.stride(1), **lora_args, STORE_HS=store_hs, **dict(blocks, BLOCK_M=tile_m),
-            ACC=acc, PRECISION=_PRECISION, **options,
+            stride_sk=top_k_weights.stride(1), **lora_args, STORE_HS=store_hs, TILE_SPLIT=block_m // tile_m,
+            **dict(blocks, BLOCK_M=tile_m), ACC=acc, PRECISION=_PRECISION, **options,
         )
         return ds_partial
 
@@ -287,23 +308,48 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # only out's gradient is ever set; no zero tensors for z, xa, ha
 
 
-def _backward(ctx, grad_out, _grad_z, _grad_xa, _grad_ha):
+def _backward(ctx, grad_out, _grad_z, _grad_xa, _grad_ha, backward=None):
     hidden, top_k_weights, gate_up_proj, down_proj, z, xa, ha, *rest = ctx.saved_tensors
     routing, lora = rest[:5], rest[5:]
     needs = list(ctx.needs_input_grad[:4]) + list(ctx.needs_input_grad[10:14])
-    grads = experts_backward(grad_out, hidden, top_k_weights, gate_up_proj, down_proj, z, xa, ha, *routing,
-                             ctx.block_m, *lora, *ctx.scales, needs)
+    grads = (backward or experts_backward)(grad_out, hidden, top_k_weights, gate_up_proj, down_proj, z, xa, ha,
+                                           *routing, ctx.block_m, *lora, *ctx.scales, needs)
     grads = [g if need else None for g, need in zip(grads, needs)]
     return (*grads[:4], *(None,) * 6, *grads[4:], None, None)
 
 
+class _EagerExperts(torch.autograd.Function):
+    """experts_forward and its registered autograd, minus the dispatcher's Python layers (eager calls only)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _experts_forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads, backward=_experts_backward)
+
+
+def experts(*inputs):
+    """``experts_forward(*inputs)`` with autograd: eager calls run the same functions through a plain
+    ``autograd.Function`` (the custom op's dispatch costs more host time than the launches it wraps); calls
+    traced by torch.compile or export go through the custom op, which they see as one opaque node."""
+    if torch.compiler.is_compiling():
+        return experts_forward(*inputs)
+    return _EagerExperts.apply(*inputs)
+
+
 def _register():
+    routing = torch.library.custom_op(add_op_namespace_prefix("route"), _route, mutates_args=())
+    routing.register_fake(_route_fake)
     forward = torch.library.custom_op(add_op_namespace_prefix("experts_forward"), _experts_forward, mutates_args=())
     forward.register_fake(_experts_forward_fake)
     backward = torch.library.custom_op(add_op_namespace_prefix("experts_backward"), _experts_backward, mutates_args=())
     backward.register_fake(_experts_backward_fake)
     forward.register_autograd(_backward, setup_context=_setup_context)
-    return forward, backward
+    return forward, backward, routing
 
 
 # Two variants of one build (module ids _qwen3_moe_fused_cuda_<uid> and _cpu_<uid>, e.g. get_kernel(...) and
@@ -311,5 +357,6 @@ def _register():
 # torch and the source tree. Ops already registered under it are this code's: reuse them (holding them keeps
 # them alive). Registering them again would let the first copy's teardown unregister the op under the second.
 _OPDEFS = torch._library.custom_ops.OPDEFS
-_NAMES = (add_op_namespace_prefix("experts_forward"), add_op_namespace_prefix("experts_backward"))
-experts_forward, experts_backward = (_OPDEFS[_NAMES[0]], _OPDEFS[_NAMES[1]]) if _NAMES[0] in _OPDEFS else _register()
+_NAMES = tuple(add_op_namespace_prefix(name) for name in ("experts_forward", "experts_backward", "route"))
+experts_forward, experts_backward, routing_op = \
+    tuple(_OPDEFS[name] for name in _NAMES) if _NAMES[0] in _OPDEFS else _register()

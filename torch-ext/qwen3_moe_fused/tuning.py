@@ -16,8 +16,8 @@ Every GPU launch asks ``choose(kind, key, dtype, launch)`` for its block sizes a
 
 BLOCK_K is given for 2-byte dtypes and shrinks for wider ones so the shared-memory stages keep their size. The
 M-tile height of the tile-table kernels (gate_up, grouped_gemm, dgrad) is ``block_m_for``'s, which the routing
-tables are built for, unless a dgrad config names its own BLOCK_M (its table is then rebuilt from the offsets);
-wgrad has its own BLOCK_M.
+table is built for, unless a dgrad config names a lower BLOCK_M dividing it (each routing tile is then split,
+no table rebuilt); wgrad has its own BLOCK_M.
 """
 
 import contextlib
@@ -45,7 +45,8 @@ CANDIDATES = {  # the first of each list is the default
     "wgrad": [_config(128, 64, 8, 4, BLOCK_M=128), _config(256, 64, 8, 4, BLOCK_M=128),
               _config(128, 128, 8, 3, BLOCK_M=128), _config(128, 64, 8, 3, BLOCK_M=128)],
 }
-INTERPRETER = dict(BLOCK_N=32, BLOCK_K=32)  # plus BLOCK_M=32 for wgrad
+INTERPRETER = dict(BLOCK_N=32, BLOCK_K=32)  # plus BLOCK_M=32 for wgrad, 8 for dgrad (split routing tiles)
+_INTERPRETER_M = {"wgrad": 32, "dgrad": 8}
 
 _chosen: dict = {}  # (kind, key...) -> config, this process's choices
 _forced: dict = {}  # kind -> config, set by ``forced``
@@ -57,6 +58,11 @@ def block_m_for(num_rows: int, num_experts: int) -> int:
     if _INTERPRET:
         return 16
     return 128 if num_rows >= 256 * num_experts else 64
+
+
+def max_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
+    """Entries of the routing's tile table: every M-tile of the E experts and the dropped pairs fits."""
+    return num_rows // block_m + min(num_experts + 1, num_rows)
 
 
 def rows_bucket(num_rows: int, num_experts: int) -> int:
@@ -124,7 +130,7 @@ def choose(kind, key, dtype, launch, n, thin_n=None):
     if _INTERPRET:
         config = _forced.get(kind)
         if config is None:
-            blocks = dict(INTERPRETER, **({"BLOCK_M": 32} if kind == "wgrad" else {}))
+            blocks = dict(INTERPRETER, **({"BLOCK_M": _INTERPRETER_M[kind]} if kind in _INTERPRETER_M else {}))
             if thin_n is not None:
                 blocks["BLOCK_N"] = max(16, 1 << (thin_n - 1).bit_length())
             return launch(blocks, {})

@@ -8,6 +8,8 @@ For each row r of expert e (pair p = row_pair[r], token t = p // K, routing weig
     dz[r] = [ s·dA · u · silu'(g),  s·dA · silu(g) ]   (dSwiGLU)
     hs[r] = s · h[r]                                 (input of dW2; only when STORE_HS)
 Writes dz [TK, 2I] and hs [TK, I] in z's dtype, ds_partial [cdiv(I, BLOCK_N), TK] in ACC.
+Its M-tiles may be lower than the routing table's: each table tile is TILE_SPLIT tiles of BLOCK_M rows (a
+sub-tile past its expert's last row returns at once), so no second table is built.
 """
 
 import triton
@@ -22,19 +24,23 @@ def down_dgrad_dswiglu_kernel(
     row_pair_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
     I, H, K_SLOTS, NUM_ROWS,
     stride_dt, stride_dh, stride_we, stride_wh, stride_wi, stride_st, stride_sk, stride_lbe, stride_lbn, stride_lbr,
-    STORE_HS: tl.constexpr, LORA_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    STORE_HS: tl.constexpr, LORA_R: tl.constexpr, TILE_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # one program per (M-tile, column block), column blocks fastest: the programs that run together
     # share their rows of the A operand (and one expert's weights) in L2
     n_blocks = tl.cdiv(I, BLOCK_N)
-    tile = tl.program_id(0) // n_blocks
+    tile = tl.program_id(0) // (n_blocks * TILE_SPLIT)
+    sub_tile = tl.program_id(0) // n_blocks % TILE_SPLIT
     col_block = tl.program_id(0) % n_blocks
     expert = tl.load(tile_expert_ptr + tile)
     if expert < 0:
         return
     row_end = tl.load(offsets_ptr + expert + 1)
-    rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BLOCK_M)
+    first_row = tl.load(tile_row_ptr + tile) + sub_tile * BLOCK_M
+    if first_row >= row_end:
+        return
+    rows = first_row + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     pairs = tl.load(row_pair_ptr + rows, mask=row_mask, other=0)
     tokens = (pairs // K_SLOTS).to(tl.int64)

@@ -1,18 +1,33 @@
-"""Routing metadata on the device, without host synchronisation (torch ops; sizes are host-computable).
+"""Routing metadata on the device in three small kernels, without host synchronisation or atomics.
 
-Same content as ``reference.route`` plus the per-tile tables the M-tiled grouped GEMMs launch over:
-tile t covers rows ``tile_row[t] : tile_row[t] + BLOCK_M`` (clipped to its expert's end) of expert
-``tile_expert[t]``. The rows of dropped pairs (after the last expert's) are tiled too, with expert -2, so the
-forward can define every row of its outputs; unused tiles have expert -1. The tile count is bounded by
-``TK // BLOCK_M + min(E + 1, TK)`` since Σ_e ceil(c_e / BLOCK_M) ≤ Σ_e (c_e // BLOCK_M + [c_e > 0]).
+Same content as ``reference.route`` plus the per-tile table the M-tiled grouped GEMMs launch over: tile t
+covers rows ``tile_row[t] : tile_row[t] + BLOCK_M`` (clipped to its expert's end) of expert ``tile_expert[t]``.
+The rows of dropped pairs (ids outside [0, E), after the last expert's rows) are tiled too, with expert
+DROPPED, so the forward can define every row of its outputs; unused tiles have expert UNUSED. The tile count is
+bounded by ``TK // BLOCK_M + min(E + 1, TK)``, since Σ_b ceil(c_b / BLOCK_M) ≤ Σ_b (c_b // BLOCK_M + [c_b > 0])
+over the E + 1 buckets (E experts, then the dropped pairs).
+
+A stable counting sort over chunks of pairs (bucket b of pair i: its expert, or E when dropped):
+    routing_count_kernel    counts[c, b] = pairs of chunk c in bucket b                  (one program per chunk)
+    routing_scan_kernel     before[c, b] = Σ_{c' < c} counts[c', b]; bounds[b] = Σ_{b' < b} Σ_c counts[c, b'];
+                            the tile table                                               (one program)
+    routing_scatter_kernel  row of pair i = bounds[b] + before[c, b] + (earlier pairs of chunk c in bucket b);
+                            row_pair[row] = i, pair_row[i] = row (-1 when dropped)       (one program per chunk)
+Every sum is over int32 counts in a fixed order: the result is one permutation, the same on every run.
 """
-
-DROPPED = -2  # tile_expert of the tiles over dropped pairs' rows
-UNUSED = -1  # tile_expert of the tiles past the last one
 
 from typing import NamedTuple
 
 import torch
+import triton
+import triton.language as tl
+
+from ..tuning import max_tiles
+
+DROPPED = -2  # tile_expert of the tiles over dropped pairs' rows
+UNUSED = -1  # tile_expert of the tiles past the last one
+_SUB = 64  # pairs a chunk's programs take per step (a [SUB, buckets] one-hot in registers)
+_MAX_CHUNKS = 256  # chunks per routing at most: the scan's serial loop stays short
 
 
 class DeviceRouting(NamedTuple):
@@ -25,46 +40,101 @@ class DeviceRouting(NamedTuple):
     tile_row: torch.Tensor  # [max_tiles] first row of each M-tile
 
 
-def max_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
-    return num_rows // block_m + min(num_experts + 1, num_rows)
+@triton.jit
+def _buckets(ids_ptr, pairs, num_pairs, num_experts, NUM_BUCKETS: tl.constexpr):
+    """(one-hot [SUB, NUM_BUCKETS] int32 of each pair's bucket, bucket, in range): expert id, or E when dropped;
+    pairs past the end match no bucket."""
+    in_range = pairs < num_pairs
+    ids = tl.load(ids_ptr + pairs, mask=in_range, other=0)
+    bucket = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts).to(tl.int32)
+    bucket = tl.where(in_range, bucket, NUM_BUCKETS)
+    one_hot = (bucket[:, None] == tl.arange(0, NUM_BUCKETS)[None, :]).to(tl.int32)
+    return one_hot, bucket, in_range
 
 
-def route(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> DeviceRouting:
-    ids = top_k_index.reshape(-1)
-    num_rows = ids.numel()
-    device = ids.device
-    valid = (ids >= 0) & (ids < num_experts)
-    key = torch.where(valid, ids, num_experts).to(torch.int32)
-    sorted_key, order = torch.sort(key, stable=True)
-    buckets = torch.arange(num_experts + 2, device=device, dtype=torch.int32)  # E experts + the dropped pairs
-    bounds = torch.searchsorted(sorted_key, buckets, out_int32=True)
-    row_pair = order.to(torch.int32)
-    rows = torch.arange(num_rows, device=device, dtype=torch.int32)
-    pair_row = torch.empty_like(rows).index_put_((order,), rows)
-    pair_row = torch.where(valid.reshape(-1), pair_row, -1)
+@triton.jit
+def routing_count_kernel(ids_ptr, counts_ptr, num_pairs, num_experts, chunk,
+                         SUB: tl.constexpr, NUM_BUCKETS: tl.constexpr):
+    """counts[c, b]: pairs of chunk c (``chunk`` pairs from c·chunk) in bucket b."""
+    c = tl.program_id(0)
+    counts = tl.zeros((NUM_BUCKETS,), dtype=tl.int32)
+    for start in range(0, chunk, SUB):
+        one_hot, _, _ = _buckets(ids_ptr, c * chunk + start + tl.arange(0, SUB), num_pairs, num_experts, NUM_BUCKETS)
+        counts += tl.sum(one_hot, axis=0)
+    tl.store(counts_ptr + c * NUM_BUCKETS + tl.arange(0, NUM_BUCKETS), counts)
 
-    tile_expert, tile_row = tile_table(bounds, num_rows, block_m)
+
+@triton.jit
+def routing_scan_kernel(counts_ptr, before_ptr, bounds_ptr, tile_expert_ptr, tile_row_ptr,
+                        num_chunks, num_experts, block_m, num_tiles,
+                        CHUNKS: tl.constexpr, TILES: tl.constexpr, NUM_BUCKETS: tl.constexpr):
+    """before[c, b] = Σ_{c' < c} counts[c', b]; bounds[b] (b ≤ E + 1) = rows of buckets < b; the tile table
+    (``num_tiles`` entries) of height ``block_m`` over the E + 1 buckets."""
+    buckets = tl.arange(0, NUM_BUCKETS)
+    totals = tl.zeros((NUM_BUCKETS,), dtype=tl.int32)
+    for c0 in range(0, num_chunks, CHUNKS):
+        chunks = c0 + tl.arange(0, CHUNKS)
+        at = chunks[:, None] * NUM_BUCKETS + buckets[None, :]
+        counts = tl.load(counts_ptr + at, mask=(chunks < num_chunks)[:, None], other=0)
+        tl.store(before_ptr + at, totals[None, :] + tl.cumsum(counts, axis=0) - counts,
+                 mask=(chunks < num_chunks)[:, None])
+        totals += tl.sum(counts, axis=0)
+    starts = tl.cumsum(totals, axis=0) - totals  # first row of each bucket; starts[E + 1] = TK
+    tl.store(bounds_ptr + buckets, starts, mask=buckets <= num_experts + 1)
+
+    tiles = tl.where(buckets <= num_experts, (totals + block_m - 1) // block_m, 0)
+    tile_end = tl.cumsum(tiles, axis=0)
+    for t0 in range(0, num_tiles, TILES):
+        t = t0 + tl.arange(0, TILES)
+        bucket = tl.sum((t[:, None] >= tile_end[None, :]).to(tl.int32), axis=1)  # bucket holding tile t
+        mine = bucket[:, None] == buckets[None, :]
+        first_row = tl.sum(tl.where(mine, starts[None, :], 0), axis=1)
+        first_tile = tl.sum(tl.where(mine, (tile_end - tiles)[None, :], 0), axis=1)
+        used = bucket <= num_experts
+        expert = tl.where(bucket == num_experts, -2, bucket)  # DROPPED
+        tl.store(tile_expert_ptr + t, tl.where(used, expert, -1), mask=t < num_tiles)  # UNUSED
+        tl.store(tile_row_ptr + t, tl.where(used, first_row + (t - first_tile) * block_m, 0), mask=t < num_tiles)
+
+
+@triton.jit
+def routing_scatter_kernel(ids_ptr, before_ptr, bounds_ptr, row_pair_ptr, pair_row_ptr, num_pairs, num_experts, chunk,
+                           SUB: tl.constexpr, NUM_BUCKETS: tl.constexpr):
+    """Row of each pair of chunk c = bounds[b] + before[c, b] + its rank among chunk c's earlier pairs in b."""
+    c = tl.program_id(0)
+    seen = tl.zeros((NUM_BUCKETS,), dtype=tl.int32)  # pairs of this chunk already placed, per bucket
+    for start in range(0, chunk, SUB):
+        pairs = c * chunk + start + tl.arange(0, SUB)
+        one_hot, bucket, in_range = _buckets(ids_ptr, pairs, num_pairs, num_experts, NUM_BUCKETS)
+        rank = tl.sum(one_hot * (tl.cumsum(one_hot, axis=0) - 1 + seen[None, :]), axis=1)
+        base = tl.load(bounds_ptr + bucket, mask=in_range, other=0) \
+            + tl.load(before_ptr + c * NUM_BUCKETS + bucket, mask=in_range, other=0)
+        row = base + rank
+        tl.store(row_pair_ptr + row, pairs, mask=in_range)
+        tl.store(pair_row_ptr + pairs, tl.where(bucket < num_experts, row, -1), mask=in_range)
+        seen += tl.sum(one_hot, axis=0)
+
+
+def route(top_k_index: torch.Tensor, num_experts: int, block_m: int, one_buffer: bool = True) -> DeviceRouting:
+    """Routing metadata of ``top_k_index [T, K]`` (any integer dtype) over ``num_experts`` experts, with the tile
+    table of height ``block_m``: three launches and one int32 allocation (``one_buffer``; else one per tensor, as
+    a custom op's outputs must not share storage)."""
+    ids = top_k_index.contiguous().view(-1)  # the kernels read ids at unit stride
+    num_pairs = ids.numel()
+    num_buckets = triton.next_power_of_2(num_experts + 2)  # E experts, the dropped pairs, and bounds' end
+    chunk = max(_SUB, triton.next_power_of_2(triton.cdiv(num_pairs, _MAX_CHUNKS)))
+    num_chunks = max(1, triton.cdiv(num_pairs, chunk))
+    num_tiles = max_tiles(num_pairs, num_experts, block_m)
+    sizes = (num_pairs, num_pairs, num_experts + 2, num_tiles, num_tiles, num_chunks * num_buckets,
+             num_chunks * num_buckets)
+    if one_buffer:
+        buffers = torch.empty(sum(sizes), dtype=torch.int32, device=ids.device).split(sizes)
+    else:
+        buffers = [torch.empty(size, dtype=torch.int32, device=ids.device) for size in sizes]
+    row_pair, pair_row, bounds, tile_expert, tile_row, counts, before = buffers
+    routing_count_kernel[(num_chunks,)](ids, counts, num_pairs, num_experts, chunk, SUB=_SUB, NUM_BUCKETS=num_buckets,
+                                        num_warps=4)
+    routing_scan_kernel[(1,)](counts, before, bounds, tile_expert, tile_row, num_chunks, num_experts, block_m,
+                              num_tiles, CHUNKS=16, TILES=64, NUM_BUCKETS=num_buckets, num_warps=8)
+    routing_scatter_kernel[(num_chunks,)](ids, before, bounds, row_pair, pair_row, num_pairs, num_experts, chunk,
+                                          SUB=_SUB, NUM_BUCKETS=num_buckets, num_warps=4)
     return DeviceRouting(row_pair, pair_row, bounds[: num_experts + 1], tile_expert, tile_row)
-
-
-def tile_table(bounds: torch.Tensor, num_rows: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tile_expert, tile_row) of M-tiles of height ``block_m`` over the row buckets ``bounds`` (int32 [E + 2]:
-    E experts, then the dropped pairs, ending at ``num_rows``). A kernel may use its own tile height: the table
-    for another height is a few small torch ops on the routing's offsets (``bounds_of``)."""
-    num_experts = bounds.numel() - 2
-    counts = (bounds[1:] - bounds[:-1]).to(torch.int64)
-    tiles = (counts + block_m - 1) // block_m
-    tile_end = torch.cumsum(tiles, 0)
-    tile_ids = torch.arange(max_tiles(num_rows, num_experts, block_m), device=bounds.device, dtype=torch.int64)
-    tile_expert = torch.searchsorted(tile_end, tile_ids, right=True)
-    e = tile_expert.clamp(max=num_experts)
-    tile_row = bounds[e].to(torch.int64) + (tile_ids - (tile_end[e] - tiles[e])) * block_m
-    tile_expert = torch.where(tile_expert == num_experts, DROPPED, tile_expert)
-    tile_expert = torch.where(tile_expert > num_experts, UNUSED, tile_expert).to(torch.int32)
-    tile_row = torch.where(tile_expert == UNUSED, 0, tile_row).to(torch.int32)
-    return tile_expert, tile_row
-
-
-def bounds_of(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """The row buckets of ``tile_table`` from a routing's expert offsets [E + 1] (the dropped pairs follow)."""
-    return torch.cat([offsets, torch.full((1,), num_rows, dtype=offsets.dtype, device=offsets.device)])
