@@ -10,9 +10,12 @@ and both weights). Per implementation and T:
 - eager fwd / fwd+bwd ms: ``triton.testing.do_bench`` medians, as bench_experts.py times them;
 - graph fwd / fwd+bwd ms: the same work captured once in a CUDA graph and replayed (the GPU's time with no host
   in the way);
-- enqueue fwd / fwd+bwd ms: host wall time per call of 20 calls issued back to back without synchronising,
-  after a warm-up: what the host needs to hand one call to the GPU (the eager time is the larger of it and the
-  graph time, roughly).
+- enqueue fwd / fwd+bwd ms: host wall time per call of 20 calls issued back to back, without synchronising,
+  behind a GPU sleep long enough that the host never waits for the GPU: what the host needs to hand one call to
+  the GPU (median of 5 such runs). The eager time is roughly the larger of it and the graph time.
+
+Gradients are set to None before every fwd+bwd (as do_bench's grad_to_none does) and before capture, so no
+measurement includes accumulating into .grad.
 
 ``--profile IMPL:T`` also prints the cProfile of 20 such fwd+bwd calls (top functions by own time).
 """
@@ -36,14 +39,17 @@ LABELS = {"fused": "qwen3-moe-fused", "module": "qwen3-moe-fused (experts module
           "grouped_mm": "transformers grouped_mm", "liger": "liger fused_moe"}
 
 
-def _enqueue_ms(step, calls=CALLS):
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        step()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed * 1e3 / calls
+def _enqueue_ms(step, calls=CALLS, runs=5):
+    times = []
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time ahead of the calls: the host never waits for it
+        start = time.perf_counter()
+        for _ in range(calls):
+            step()
+        times.append((time.perf_counter() - start) * 1e3 / calls)
+        torch.cuda.synchronize()
+    return sorted(times)[runs // 2]
 
 
 def _graph_ms(step):
@@ -76,6 +82,8 @@ def measure(impl, T, profile=False):
             fn(*args)
 
     def forward_backward():
+        for t in leaves:
+            t.grad = None
         fn(*args).backward(dout)
 
     try:
@@ -90,7 +98,7 @@ def measure(impl, T, profile=False):
         if profile:
             profiler = cProfile.Profile()
             profiler.enable()
-            _enqueue_ms(forward_backward)
+            _enqueue_ms(forward_backward, runs=1)
             profiler.disable()
             print(f"\ncProfile of {CALLS} fwd+bwd calls of {row['impl']} at T={T} (host only)", file=sys.stderr)
             pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)

@@ -30,8 +30,14 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _PRECISION = "ieee"  # exact float32/float64 products (no tf32); bf16/fp16 dots are unaffected
 
 
+_TRITON = None
+
+
 def _triton():
     """(triton, triton.language, the kernels package with its modules loaded), imported on first use."""
+    global _TRITON
+    if _TRITON is not None:
+        return _TRITON
     try:
         import triton
         import triton.language as tl
@@ -40,7 +46,8 @@ def _triton():
         from .kernels import combine, down_dgrad_dswiglu, expert_wgrad, gate_up_swiglu, grouped_gemm, routing  # noqa: F401
     except ImportError as err:
         raise ImportError(f"qwen3-moe-fused's kernels need Triton ({err}); install triton, or use CPU tensors") from err
-    return triton, tl, kernels
+    _TRITON = triton, tl, kernels
+    return _TRITON
 
 
 def route(top_k_index, num_experts, block_m):
@@ -230,7 +237,7 @@ def _experts_backward(
     K = top_k_weights.shape[1]
     acc = _acc(tl, z.dtype)
     grad_out = grad_out.to(z.dtype)
-    grads = [z.new_empty(0) for _ in range(8)]  # distinct empty tensors: op outputs must not alias
+    grads = [None] * 8
 
     dob = None
     if down_a is not None:
@@ -261,8 +268,10 @@ def _experts_backward(
     key = (I, H, lora_args["LORA_R"], store_hs, block_m, tuning.rows_bucket(T * K, E))
     ds_partial = tuning.choose("dgrad", key, z.dtype, launch, I)
     if need_weights:
-        ds = ds_partial.sum(0)
-        grads[1] = torch.where(pair_row >= 0, ds[pair_row.clamp(min=0).long()], 0).view(T, K).to(top_k_weights.dtype)
+        grads[1] = torch.empty(T, K, dtype=top_k_weights.dtype, device=z.device)
+        block = 1024 if not _INTERPRET else 32
+        kernels.combine.weight_grad_kernel[(triton.cdiv(T * K, block),)](
+            ds_partial, pair_row, grads[1], T * K, T * K, ds_partial.shape[0], BLOCK=block, ACC=acc)
     dzb = None
     if gate_up_a is not None and (need_hidden or need_gu_a):
         dzb = _grouped_gemm(dz, gate_up_b, 1, 2, routing, block_m, scale=gate_up_scale)
@@ -289,7 +298,7 @@ def _experts_backward(
         grads[4] = _expert_wgrad(dzb, hidden, routing, gate_up_a, 1, 2, gather_slots=K)
     if need_gu_b:
         grads[5] = _expert_wgrad(dz, xa, routing, gate_up_b, 1, 2)
-    return grads
+    return [z.new_empty(0) if g is None else g for g in grads]  # distinct empty tensors: op outputs must not alias
 
 
 def _experts_backward_fake(grad_out, hidden, top_k_weights, gate_up_proj, down_proj, z, xa, ha, row_pair, pair_row,

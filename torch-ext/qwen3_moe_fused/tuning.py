@@ -87,13 +87,20 @@ def forced(**configs):
         _forced.update(saved)
 
 
+_splits: dict = {}  # (id(config), dtype, thin_n) -> (config, its split): the config is held, so its id stays its own
+
+
 def _split(config, dtype, thin_n=None):
-    """(block sizes, launch options) of a config for ``dtype`` operands."""
+    """(block sizes, launch options) of a config for ``dtype`` operands (made once per config; not to be mutated)."""
+    cached = _splits.get((id(config), dtype, thin_n))
+    if cached is not None and cached[0] is config:
+        return cached[1]
     blocks = {k: v for k, v in config.items() if k.startswith("BLOCK_")}
     launch = {k: v for k, v in config.items() if k.startswith("num_")}
     blocks["BLOCK_K"] = max(16, blocks["BLOCK_K"] * 2 // dtype.itemsize)
     if thin_n is not None:  # LoRA's thin products: one column block of the rank's width
         blocks["BLOCK_N"] = max(16, 1 << (thin_n - 1).bit_length())
+    _splits[(id(config), dtype, thin_n)] = config, (blocks, launch)
     return blocks, launch
 
 

@@ -3,6 +3,9 @@
     out[t] = Σ_k w[t, k] · rows[pair_row[t·K + k]]      (WEIGHTED: forward combine of y)
     out[t] = Σ_k rows[pair_row[t·K + k]]                (not WEIGHTED: dX from the per-row dx)
 Dropped pairs (pair_row = -1) contribute nothing. Accumulates in ACC, stores in out's dtype.
+
+The routing weights' gradient is the same gather over dgrad's per-column-block partial sums:
+    dw[p] = Σ_b ds_partial[b, pair_row[p]]              (weight_grad_kernel; b in order; 0 for dropped pairs)
 """
 
 import triton
@@ -33,3 +36,16 @@ def combine_kernel(
         acc += vals
     out = out_ptr + tokens[:, None].to(tl.int64) * stride_ot + cols[None, :] * stride_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=token_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def weight_grad_kernel(ds_partial_ptr, pair_row_ptr, dw_ptr, NUM_PAIRS, NUM_ROWS, N_BLOCKS,
+                       BLOCK: tl.constexpr, ACC: tl.constexpr):
+    pairs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pair_mask = pairs < NUM_PAIRS
+    row = tl.load(pair_row_ptr + pairs, mask=pair_mask, other=-1)
+    used = row >= 0
+    acc = tl.zeros((BLOCK,), dtype=ACC)
+    for b in range(N_BLOCKS):
+        acc += tl.load(ds_partial_ptr + b * NUM_ROWS + row, mask=used, other=0.0)
+    tl.store(dw_ptr + pairs, acc.to(dw_ptr.dtype.element_ty), mask=pair_mask)
