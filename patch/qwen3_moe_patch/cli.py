@@ -187,7 +187,7 @@ def _train_command(args) -> int:
             args.device = f"cuda:{torch.cuda.current_device()}"
     with contextlib.ExitStack() as stack:
         kernel = None
-        if "fused" in impls:
+        if {"fused", "fused-liger"} & set(impls):
             kernel = stack.enter_context(_cli_kernel(args.project))[0]
         results = train.compare(
             impls, steps=args.steps, batch=args.batch, seq=args.seq, seed=args.seed, data=args.data,
@@ -271,6 +271,8 @@ class _HelpFormatter(argparse.HelpFormatter):
 def main(argv=None) -> int:
     """Entry point: every failure is one line on stderr (what is wrong, what to do) and exit status 2;
     ``--debug`` shows the traceback instead."""
+    from .train import IMPLS as train_impls
+
     formatter = _HelpFormatter
     parser = argparse.ArgumentParser(prog="qwen3-moe-fused", description=__doc__.splitlines()[0],
                                      formatter_class=formatter)
@@ -298,8 +300,9 @@ def main(argv=None) -> int:
     tr.add_argument("--project", help=project_help)
     tr.add_argument("--preset", default="tiny", help="local config: tiny or 30b-a3b-4layers")
     tr.add_argument("--model", help="path of a Qwen3-MoE checkpoint instead of a preset")
-    tr.add_argument("--impl", action="append", choices=["fused", "grouped_mm", "eager", "liger"],
-                    help="experts implementation (repeatable, run in order); default fused")
+    tr.add_argument("--impl", action="append", choices=train_impls,
+                    help="experts implementation (repeatable, run in order; fused-liger = fused with "
+                         "patch_qwen3_moe(liger=True)); default fused")
     tr.add_argument("--lora-r", type=int, default=0, help="LoRA rank on attention and experts; 0 = full fine-tune")
     tr.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer's activations in backward")
     tr.add_argument("--data", help="text file to train on; default: the Python standard library's sources")

@@ -7,7 +7,8 @@ so the fused computation runs inside each experts module's call, within whatever
 around it. Parameters, buffers, their names, dtypes and devices stay as they are, so checkpoints save and load
 exactly as for the unpatched model (the experts implementation is not saved in config.json). The instance
 ``forward`` that was there before (usually none; e.g. accelerate's hook wrapper) is kept on the block and put
-back by ``unpatch_qwen3_moe``.
+back by ``unpatch_qwen3_moe``. With ``liger=True`` Liger-Kernel's RMSNorm, RoPE and fused linear cross-entropy
+join in (``liger.py``), undone by ``unpatch_qwen3_moe`` too.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from types import MethodType, ModuleType
 from typing import TYPE_CHECKING
 
+from . import liger as liger_kernels
 from .experts_interface import IMPLEMENTATION_NAME, register_experts_implementation
 from .kernel_source import KernelSource, kernel_location
 from .versions import check_transformers
@@ -33,6 +35,7 @@ logger = logging.getLogger("qwen3_moe_patch")
 LAYER_NAME = "Qwen3MoeSparseMoeBlock"
 SUPPORTED_DEVICES = ("cuda", "cpu")
 _MARK = "_qwen3_moe_fused_patch"  # per-block record: (report, forward found on the instance before patching)
+_LIGER = "_qwen3_moe_fused_liger"  # on the Qwen3MoeForCausalLM: the record of Liger's changes
 _NO_FORWARD = object()
 
 
@@ -46,11 +49,14 @@ class PatchReport:
     mode: str | None = None
     path: str | None = None  # folder the kernel was imported from
     commit: str | None = None  # Hub commit of that folder, when it came from the Hub cache
+    liger: str | None = None  # liger-kernel version whose non-MoE kernels were applied (liger=True)
 
     def __str__(self) -> str:
         where = f" (commit {self.commit[:12]})" if self.commit else (f" ({self.path})" if self.path else "")
         mode = f", mode {self.mode}" if self.mode else ""
-        return f"qwen3-moe-fused: patched {len(self.blocks)} MoE blocks with {self.kernel}{where} via {self.method}{mode}"
+        liger = f"; Liger's RMSNorm, RoPE, fused linear cross-entropy (liger-kernel {self.liger})" if self.liger else ""
+        return (f"qwen3-moe-fused: patched {len(self.blocks)} MoE blocks with {self.kernel}{where} via "
+                f"{self.method}{mode}{liger}")
 
 
 def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -171,6 +177,7 @@ def patch_qwen3_moe(
     mode=None,
     use_kernelize: bool = True,
     trust_remote_code: bool = False,
+    liger: bool = False,
 ) -> PatchReport:
     """Make every Qwen3-MoE sparse MoE block of ``model`` compute its experts with the fused kernel.
 
@@ -183,8 +190,10 @@ def patch_qwen3_moe(
     the experts as modules; the experts compute through transformers experts implementation "qwen3_moe_fused"
     (registered with the same kernel), which the patch selects in the model's config, so under FSDP2, ZeRO-3 and
     transformers' TP/EP the kernel runs inside the engine's experts call, on local weights and local expert ids.
-    On any error the model is left unchanged. Patching a patched model with the same source does nothing and says
-    so; with another source it switches to it and says so.
+    ``liger``: also Liger-Kernel's RMSNorm, RoPE and fused linear cross-entropy on the model's Qwen3MoeForCausalLM
+    (a tested liger-kernel release must be installed; its RoPE is process-wide while patched: see ``liger.py``).
+    On any error the model is left unchanged. Patching a patched model with the same source (and ``liger``) does
+    nothing and says so; otherwise it switches and says so.
     """
     from torch import nn
 
@@ -198,10 +207,14 @@ def patch_qwen3_moe(
 
         mode = kernels.Mode.TRAINING if model.training else kernels.Mode.INFERENCE
     _check(model, blocks, mode if kernelize else None)
+    if liger:
+        liger_kernels.check()
+        liger_kernels._causal_lm(model)
     source = KernelSource.resolve(kernel, repo_id, version, revision, local_path, locked, trust_remote_code)
     if any(_MARK in block.__dict__ for _, block in blocks):
         report = next(block.__dict__[_MARK][0] for _, block in blocks if _MARK in block.__dict__)
-        if report.kernel == source.label and report.method == ("kernelize" if kernelize else "forward"):
+        if report.kernel == source.label and report.method == ("kernelize" if kernelize else "forward") \
+                and (report.liger is not None) == liger:
             logger.warning("qwen3-moe-fused: model is already patched (%s); nothing done", report)
             return report
         source.load()  # a kernel that cannot load fails here, with the model still patched as it was
@@ -235,6 +248,14 @@ def patch_qwen3_moe(
     for name, block in blocks:
         cfg = base_experts(block).config
         block.__dict__[_MARK] = (report, previous[name], cfg, before[id(cfg)])
+    if liger:
+        try:
+            record = liger_kernels.apply(model)
+        except Exception:
+            unpatch_qwen3_moe(model)
+            raise
+        liger_kernels._causal_lm(model).__dict__[_LIGER] = record
+        report.liger = liger_kernels.installed_version()
     logger.info("%s", report)
     return report
 
@@ -248,12 +269,16 @@ def _restore(blocks, previous) -> None:
 
 def unpatch_qwen3_moe(model: nn.Module) -> int:
     """Restore the forwards and the experts implementation ``patch_qwen3_moe`` replaced (an implementation set
-    since then is kept); returns the number of blocks restored."""
+    since then is kept) and undo Liger's kernels where ``liger=True`` applied them; returns the number of blocks
+    restored."""
     from torch import nn
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"unpatch_qwen3_moe takes the model patch_qwen3_moe patched (a torch.nn.Module), got "
                         f"{type(model).__name__}")
+    for module in model.modules():
+        if _LIGER in module.__dict__:
+            liger_kernels.undo(module.__dict__.pop(_LIGER))
     blocks = [(name, block) for name, block in find_moe_blocks(model) if _MARK in block.__dict__]
     _restore(blocks, {name: block.__dict__[_MARK][1] for name, block in blocks})
     for _, block in blocks:

@@ -9,8 +9,10 @@ Data: bytes of a text file, or by default the Python standard library's own sour
 every machine has offline), as byte-level tokens (vocab 256, no tokenizer download); or, for a checkpoint with
 a tokenizer, its tokens. Batches are random windows drawn with ``seed``.
 
-Implementations: "fused" (this project's kernel through ``patch_qwen3_moe``), transformers' "grouped_mm" and
-"eager" experts, and "liger" (Liger-Kernel's ``fused_moe`` registered as a transformers experts function).
+Implementations: "fused" (this project's kernel through ``patch_qwen3_moe``), "fused-liger" (the same with
+``liger=True``: Liger-Kernel's RMSNorm, RoPE and fused linear cross-entropy around our experts), transformers'
+"grouped_mm" and "eager" experts, and "liger" (Liger-Kernel's ``fused_moe`` registered as a transformers experts
+function).
 """
 
 import dataclasses
@@ -20,7 +22,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-IMPLS = ("fused", "grouped_mm", "eager", "liger")
+IMPLS = ("fused", "grouped_mm", "eager", "liger", "fused-liger")
 LIGER_NAME = "liger_fused_moe"
 
 
@@ -137,7 +139,8 @@ def build_model(impl, *, preset="tiny", model_path=None, lora_r=0, gradient_chec
 
     from .presets import make_model
 
-    experts_impl = {"fused": "grouped_mm", "grouped_mm": "grouped_mm", "eager": "eager"}.get(impl)
+    experts_impl = {"fused": "grouped_mm", "fused-liger": "grouped_mm", "grouped_mm": "grouped_mm",
+                    "eager": "eager"}.get(impl)
     if impl == "liger":
         experts_impl = register_liger()
     if experts_impl is None:
@@ -178,10 +181,10 @@ def build_model(impl, *, preset="tiny", model_path=None, lora_r=0, gradient_chec
         from .parallel import fsdp2
 
         model = fsdp2(model)
-    if impl == "fused":
+    if impl in ("fused", "fused-liger"):
         from .patch import patch_qwen3_moe
 
-        patch_qwen3_moe(model, kernel=kernel)
+        patch_qwen3_moe(model, kernel=kernel, liger=impl == "fused-liger")
     return model
 
 
