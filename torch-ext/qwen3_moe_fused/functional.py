@@ -15,13 +15,14 @@ try:
 except ImportError:  # torch built without distributed
     DTensor = None
 
-from . import ops, reference
+from . import ops, reference, weights4bit
 from .reference import ExpertsLora
+from .weights4bit import Weight4bit
 
 _logger = logging.getLogger(__name__)
 _said_reference = False
 
-__all__ = ["ExpertsLora", "moe_experts", "tune"]
+__all__ = ["ExpertsLora", "Weight4bit", "dequantize_4bit", "moe_experts", "tune"]
 
 
 def _check_lora(lora, gate_up_proj, down_proj):
@@ -134,6 +135,18 @@ def moe_experts(
                                   lora.gate_up_b, lora.down_a, lora.down_b, float(lora.gate_up_scale),
                                   float(lora.down_scale))
     return out.to(hidden.dtype)
+
+
+def dequantize_4bit(weight: Weight4bit) -> torch.Tensor:
+    """A 4-bit stacked weight (bitsandbytes' storage, ``Weight4bit``) as a dense tensor of its shape and dtype: by
+    the dequantize kernel on CUDA (or under TRITON_INTERPRET=1), else by the reference; the same bits either way,
+    and bitsandbytes' ``dequantize_4bit`` bits."""
+    if not isinstance(weight, Weight4bit):
+        raise TypeError(f"dequantize_4bit takes a Weight4bit (weights4bit.from_bnb(packed, quant_state)), got "
+                        f"{type(weight).__name__}")
+    if weight.packed.is_cuda or ops._INTERPRET:
+        return ops.dequantize_4bit(weight)
+    return weights4bit.dequantize(weight)
 
 
 def tune(hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, tokens, *,

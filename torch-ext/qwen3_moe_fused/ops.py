@@ -43,7 +43,9 @@ def _triton():
         import triton.language as tl
 
         from . import kernels
-        from .kernels import combine, down_dgrad_dswiglu, expert_wgrad, gate_up_swiglu, grouped_gemm, routing  # noqa: F401
+        from .kernels import (  # noqa: F401
+            combine, dequant4bit, down_dgrad_dswiglu, expert_wgrad, gate_up_swiglu, grouped_gemm, routing,
+        )
     except ImportError as err:
         raise ImportError(f"qwen3-moe-fused's kernels need Triton ({err}); install triton, or use CPU tensors") from err
     _TRITON = triton, tl, kernels
@@ -65,6 +67,23 @@ def _route(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> list[to
 def _route_fake(top_k_index, num_experts, block_m):
     rows, tiles = top_k_index.numel(), tuning.max_tiles(top_k_index.numel(), num_experts, block_m)
     return [top_k_index.new_empty(n, dtype=torch.int32) for n in (rows, rows, num_experts + 1, tiles, tiles)]
+
+
+def dequantize_4bit(weight) -> torch.Tensor:
+    """``weights4bit.dequantize(weight)`` computed by the dequantize kernel (bit for bit the same values)."""
+    triton, _, kernels = _triton()
+    # Triton 3.6's interpreter does not round float32 to bfloat16 to nearest: there the kernel writes float32
+    # and torch rounds (the same single rounding the GPU's conversion makes)
+    via_float32 = _INTERPRET and weight.dtype == torch.bfloat16
+    out = torch.empty(weight.shape, dtype=torch.float32 if via_float32 else weight.dtype, device=weight.packed.device)
+    block = 1024 if not _INTERPRET else 256
+    nested = weight.nested
+    kernels.dequant4bit.dequantize_4bit_kernel[(triton.cdiv(weight.numel, block),)](
+        weight.packed, weight.absmax, weight.code, weight.absmax2 if nested else weight.code,
+        weight.code2 if nested else weight.code, weight.offset, out, weight.numel, BLOCKSIZE=weight.blocksize,
+        NESTED=nested, BLOCKSIZE2=weight.blocksize2, BLOCK=block, **({} if _INTERPRET else {"enable_fp_fusion": False}),
+    )
+    return out.to(weight.dtype)
 
 
 def _acc(tl, dtype):
