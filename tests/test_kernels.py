@@ -202,7 +202,7 @@ def test_device_routing_over_many_chunks(kernel):
 
 def _op_args(kernel, leaves, index, block_m, lora=(None, None, None, None)):
     routing = kernel.ops.route(index, leaves[2].shape[0], block_m)
-    return (*leaves, *routing, block_m, *lora, 0.5, 2.0)
+    return (*leaves, *routing, block_m, *lora, 0.5, 2.0, [], [], [64, 256, 64, 256])  # no 4-bit weights
 
 
 @pytest.mark.parametrize("with_lora", [False, True], ids=["base", "lora"])

@@ -44,3 +44,89 @@ def test_inconsistent_storage_is_refused(kernel):
         kernel.weights4bit.from_bnb(packed.view(torch.int8), state)
     with pytest.raises(TypeError, match="Weight4bit"):
         kernel.dequantize_4bit(packed)
+
+
+H4, I4 = 128, 64  # the 4-bit rows hold whole 64-element blocks
+
+
+def _experts_problem(dtype, seed, E=6, T=40, K=2):
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.stack([torch.randperm(E + 1, generator=gen)[:K] for _ in range(T)])  # id E: an EP sentinel
+    weights = torch.softmax(torch.randn(T, K, generator=gen, dtype=torch.float64), -1)
+    x = torch.randn(T, H4, generator=gen, dtype=torch.float64)
+    dense = [torch.randn(*shape, generator=gen, dtype=torch.float64) * 0.2 for shape in ((E, 2 * I4, H4), (E, H4, I4))]
+    grad_out = torch.randn(T, H4, generator=gen, dtype=torch.float64)
+    return x, index, weights, dense, grad_out
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """The largest floating tensor any torch op of the block creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["absmax", "nested"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_experts_on_4bit_weights_match_the_reference_on_their_dequantized_weights(kernel, dtype, nested):
+    """Forward and the gradients of x, the routing weights and LoRA factors on frozen 4-bit experts (QLoRA):
+    the kernels dequantize every weight tile as they load it, and no op allocates anything of a weight's size."""
+    from test_kernels import TOL, _lora_factors, assert_close_rel
+
+    x, index, weights, dense, grad_out = _experts_problem(dtype, 30 + nested)
+    quantized = []
+    for w, quant_type in zip(dense, ("nf4", "fp4")):
+        packed, state = bnb.quantize_4bit(w.to(dtype).to(DEVICE), blocksize=64, quant_type=quant_type,
+                                          compress_statistics=nested)
+        quantized.append(kernel.weights4bit.from_bnb(packed, state))
+    exact = [kernel.weights4bit.dequantize(q) for q in quantized]  # what the 4-bit weights hold, in dtype
+    leaves = [t.to(DEVICE, dtype).requires_grad_() for t in (x, weights)]
+    factors = _lora_factors(exact[0], exact[1], (4, 3), 31)
+    lora = kernel.ExpertsLora(*factors, gate_up_scale=0.5, down_scale=2.0)
+    with _Allocations() as allocations:
+        out = kernel.moe_experts(leaves[0], index.to(DEVICE), leaves[1], *quantized, lora=lora)
+        grads = torch.autograd.grad(out, [*leaves, *factors], grad_out.to(DEVICE, dtype))
+    assert allocations.largest < exact[1].numel()  # nothing the size of a weight: no dense copy
+    ref_leaves = [t.detach().double().requires_grad_() for t in (*leaves, *factors)]
+    ref_lora = kernel.ExpertsLora(*ref_leaves[2:], gate_up_scale=0.5, down_scale=2.0)
+    ref_out = kernel.reference.moe_experts(ref_leaves[0], index, ref_leaves[1], *(w.double() for w in exact),
+                                           lora=ref_lora)
+    ref_grads = torch.autograd.grad(ref_out, ref_leaves, grad_out)
+    names = ("out", "d hidden", "d top_k_weights", "d gate_up_a", "d gate_up_b", "d down_a", "d down_b")
+    for name, got, want in zip(names, (out, *grads), (ref_out, *ref_grads)):
+        assert_close_rel(got, want, TOL[dtype], f"4-bit {dtype} {name}")
+
+
+def test_4bit_rows_must_hold_whole_blocks(kernel):
+    packed, state = _quantized((2, 8, 96), torch.float32, "nf4", False, 64, 3)  # 96 = 1.5 blocks per row
+    w4 = kernel.weights4bit.from_bnb(packed, state)
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        kernel.weights4bit.stacked(w4)
+
+
+def test_opcheck_with_4bit_weights(kernel):
+    """The custom op (what torch.compile and export see) with 4-bit weights: fake tensors, schema, autograd."""
+    x, index, weights, dense, _ = _experts_problem(torch.float32, 40)
+    ops = kernel.ops
+    operands, q, blocks = [], [], []
+    for w, nested in zip(dense, (True, False)):
+        packed, state = bnb.quantize_4bit(w.float().to(DEVICE), blocksize=64, quant_type="nf4",
+                                          compress_statistics=nested)
+        w4 = kernel.weights4bit.from_bnb(packed, state)
+        operands.append(kernel.weights4bit.stacked(w4)[0])
+        q.append(ops.q_list(w4))
+        blocks += [w4.blocksize, w4.blocksize2]
+    E = dense[0].shape[0]
+    block_m = ops.block_m_for(index.numel(), E)
+    x, weights = (t.float().to(DEVICE).requires_grad_() for t in (x, weights))
+    args = (x, weights, *operands, *ops.route(index.to(DEVICE), E, block_m), block_m, None, None, None, None, 1.0, 1.0,
+            *q, blocks)
+    torch.library.opcheck(ops.experts_forward, args)

@@ -105,8 +105,10 @@ def moe_experts(
 
     hidden [T, H]; top_k_index [T, K] integer, local to the weights given (ids outside [0, E) are dropped: zero
     output and zero routing-weight gradient, transformers' expert-parallel sentinel contract); top_k_weights [T, K];
-    gate_up_proj [E, 2I, H] (gate rows first); down_proj [E, H, I]. ``lora`` (``ExpertsLora``) makes each
-    weight W + s·B·A without forming it (split LoRA: x·Aᵀ, then ·Bᵀ). Returns [T, H] in hidden's dtype.
+    gate_up_proj [E, 2I, H] (gate rows first); down_proj [E, H, I]; either may be a ``Weight4bit`` (bitsandbytes'
+    4-bit storage, frozen), which the kernels dequantize tile by tile as they load it (the CPU reference path
+    dequantizes it whole). ``lora`` (``ExpertsLora``) makes each weight W + s·B·A without forming it (split
+    LoRA: x·Aᵀ, then ·Bᵀ). Returns [T, H] in hidden's dtype.
     Differentiable w.r.t. hidden, top_k_weights, both weights and the LoRA factors. Replicated DTensors are used
     locally; sharded DTensors raise ``ValueError``.
     """
@@ -120,10 +122,13 @@ def moe_experts(
     _check_inputs(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, activation)
     if lora is not None:
         _check_lora(lora, gate_up_proj, down_proj)
+    weights = [(weights4bit.stacked(w)[0], ops.q_list(w), [w.blocksize, w.blocksize2]) if isinstance(w, Weight4bit)
+               else (w, [], [64, 256]) for w in (gate_up_proj, down_proj)]  # (kernel operand, 4-bit tensors, blocks)
     if hidden.shape[0] == 0 or not (hidden.is_cuda or ops._INTERPRET) or (
             ops._INTERPRET and gate_up_proj.dtype == torch.bfloat16):
         _say_reference(hidden, gate_up_proj.dtype)
-        return reference.moe_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, lora=lora)
+        dense = [weights4bit.dequantize(w) if isinstance(w, Weight4bit) else w for w in (gate_up_proj, down_proj)]
+        return reference.moe_experts(hidden, top_k_index, top_k_weights, *dense, lora=lora)
     # Like transformers' grouped_mm path, compute in the weights' dtype and return hidden's.
     x = hidden.to(gate_up_proj.dtype)
     block_m = ops.block_m_for(top_k_index.numel(), gate_up_proj.shape[0])
@@ -131,9 +136,10 @@ def moe_experts(
     # PEFT hands B over as a permuted view; the kernels read factor tiles, so give them dense rows (a few MB).
     lora = ExpertsLora(*(None if t is None else t.contiguous() for t in (lora or ExpertsLora())[:4]),
                        *(lora or ExpertsLora())[4:])
-    out, *_ = ops.experts(x, top_k_weights, gate_up_proj, down_proj, *routing, block_m, lora.gate_up_a,
-                                  lora.gate_up_b, lora.down_a, lora.down_b, float(lora.gate_up_scale),
-                                  float(lora.down_scale))
+    (w1, w1_q, w1_blocks), (w2, w2_q, w2_blocks) = weights
+    out, *_ = ops.experts(x, top_k_weights, w1, w2, *routing, block_m, lora.gate_up_a, lora.gate_up_b, lora.down_a,
+                          lora.down_b, float(lora.gate_up_scale), float(lora.down_scale), w1_q, w2_q,
+                          w1_blocks + w2_blocks)
     return out.to(hidden.dtype)
 
 

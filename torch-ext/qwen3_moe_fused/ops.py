@@ -1,10 +1,14 @@
 """torch.library custom ops around the Triton kernels, with fake implementations and registered autograd.
 
-    experts_forward(x, w, W1, W2, routing..., block_m, A1, B1, A2, B2, s1, s2) -> (out [T, H], z, xa, ha)
+    experts_forward(x, w, W1, W2, routing..., block_m, A1, B1, A2, B2, s1, s2, W1_q, W2_q, q_blocks)
+        -> (out [T, H], z, xa, ha)
         [xa = s1·x·A1ᵀ] -> gate_up_swiglu (+ xa·B1ᵀ) -> [ha = s2·h·A2ᵀ] -> grouped_gemm (down, + ha·B2ᵀ) -> combine.
         Saved for backward: x, w, z, the routing and the LoRA intermediates xa, ha [TK, r] (W1, W2 and the LoRA
         factors are the caller's tensors, saved by reference). LoRA factors are optional per projection:
-        A1 [E, r1, H], B1 [E, 2I, r1], A2 [E, r2, I], B2 [E, H, r2]; W + s·B·A is never formed.
+        A1 [E, r1, H], B1 [E, 2I, r1], A2 [E, r2, I], B2 [E, H, r2]; W + s·B·A is never formed. A weight may be
+        4-bit (frozen): then W1/W2 are its packed bytes [E, N, K // 2] (``weights4bit.stacked``), the trailing
+        arguments gate_up_q / down_q its other tensors (``q_list``) and q_blocks the block sizes, and every kernel
+        that reads it dequantizes each tile as it loads it.
     experts_backward(dOut, x, w, W1, W2, z, xa, ha, routing..., LoRA..., needs...) -> (dx, dw, dW1, dW2, dA1, dB1, dA2, dB2)
         [dob = s2·dOut·B2] -> down_dgrad_dswiglu (+ dob·A2) -> [dzb = s1·dz·B1] -> grouped_gemm (dz·W1 + dzb·A1)
         -> combine (gather-sum) -> expert_wgrad for each weight or factor asked for.
@@ -77,13 +81,36 @@ def dequantize_4bit(weight) -> torch.Tensor:
     via_float32 = _INTERPRET and weight.dtype == torch.bfloat16
     out = torch.empty(weight.shape, dtype=torch.float32 if via_float32 else weight.dtype, device=weight.packed.device)
     block = 1024 if not _INTERPRET else 256
-    nested = weight.nested
+    q = _weight(weight.packed.view(1, 1, -1), q_list(weight), (weight.blocksize, weight.blocksize2))[2]
     kernels.dequant4bit.dequantize_4bit_kernel[(triton.cdiv(weight.numel, block),)](
-        weight.packed, weight.absmax, weight.code, weight.absmax2 if nested else weight.code,
-        weight.code2 if nested else weight.code, weight.offset, out, weight.numel, BLOCKSIZE=weight.blocksize,
-        NESTED=nested, BLOCKSIZE2=weight.blocksize2, BLOCK=block, **({} if _INTERPRET else {"enable_fp_fusion": False}),
+        weight.packed, q["wq_absmax_ptr"], q["wq_code_ptr"], q["wq_absmax2_ptr"], q["wq_code2_ptr"],
+        q["wq_offset_ptr"], out, weight.numel, BLOCKSIZE=q["W4_BLOCK"], NESTED=q["W4_NESTED"],
+        BLOCKSIZE2=q["W4_BLOCK2"], BLOCK=block, **({} if _INTERPRET else {"enable_fp_fusion": False}),
     )
     return out.to(weight.dtype)
+
+
+def q_list(weight) -> list:
+    """The tensors of a 4-bit weight (``weights4bit.Weight4bit``) besides its bytes, as the ops take them: absmax
+    and code book, then (nested) absmax2, code2 and the offset."""
+    return [weight.absmax, weight.code] + ([weight.absmax2, weight.code2, weight.offset] if weight.nested else [])
+
+
+def _weight(w, q, blocks):
+    """(dims [E, N, K] and element strides of the dense weight ``w`` stands for, its kernel arguments): ``w``
+    itself (``q`` empty), or the packed bytes [E, N, K // 2] of a 4-bit weight with its tensors ``q``
+    (``q_list``) and (blocksize, blocksize2) ``blocks``."""
+    if not q:
+        return tuple(w.shape), w.stride(), dict(
+            wq_absmax_ptr=w, wq_code_ptr=w, wq_absmax2_ptr=w, wq_code2_ptr=w, wq_offset_ptr=w, W4BIT=False,
+            W4_NESTED=False, W4_BLOCK=64, W4_BLOCK2=256)
+    E, N, half = w.shape
+    nested = len(q) == 5
+    absmax, code = q[:2]
+    absmax2, code2, offset = q[2:] if nested else (code, code, code)
+    return (E, N, 2 * half), (N * 2 * half, 2 * half, 1), dict(
+        wq_absmax_ptr=absmax, wq_code_ptr=code, wq_absmax2_ptr=absmax2, wq_code2_ptr=code2, wq_offset_ptr=offset,
+        W4BIT=True, W4_NESTED=nested, W4_BLOCK=blocks[0], W4_BLOCK2=blocks[1])
 
 
 def _acc(tl, dtype):
@@ -115,13 +142,15 @@ def _lora(la, lb, n_dim, r_dim, dummy):
                 LORA_R=rank, BLOCK_R=max(16, 1 << (rank - 1).bit_length()))
 
 
-def _grouped_gemm(a, b, k_dim, n_dim, routing, block_m, gather_slots=0, lora=None, scale=None):
+def _grouped_gemm(a, b, k_dim, n_dim, routing, block_m, gather_slots=0, lora=None, scale=None, b_q=(), b_blocks=()):
     """c[r] = scale · a[r or its token] · B[e] with B[e][k, n] = b[e] indexed on dims (k_dim, n_dim); ``gather_slots``
     = K reads a's rows by token; ``lora`` = (la, lb, n_dim, r_dim) adds a LoRA epilogue; ``scale`` (LoRA's thin
-    products) multiplies the fp32 accumulator before the one rounding to a's dtype."""
+    products) multiplies the fp32 accumulator before the one rounding to a's dtype; ``b_q``/``b_blocks``: b is a
+    4-bit weight's bytes (``_weight``)."""
     triton, tl, kernels = _triton()
     row_pair, _, offsets, tile_expert, tile_row = routing
-    n = b.shape[n_dim]
+    b_shape, b_strides, b_args = _weight(b, b_q, b_blocks)
+    n = b_shape[n_dim]
     c = a.new_empty(row_pair.numel(), n)
     lora_args = _lora(*(lora or (None, None, 0, 0)), dummy=c)
     thin = n <= 64  # LoRA's rank-wide products
@@ -131,13 +160,14 @@ def _grouped_gemm(a, b, k_dim, n_dim, routing, block_m, gather_slots=0, lora=Non
         kernels.grouped_gemm.grouped_gemm_kernel[grid](
             a, b, c, row_pair_ptr=row_pair, tile_expert_ptr=tile_expert, tile_row_ptr=tile_row, offsets_ptr=offsets,
             N=n, KA=a.shape[1], K_SLOTS=max(gather_slots, 1), NUM_ROWS=row_pair.numel(), stride_at=a.stride(0),
-            stride_ak=a.stride(1), stride_be=b.stride(0), stride_bk=b.stride(k_dim), stride_bn=b.stride(n_dim),
+            stride_ak=a.stride(1), stride_be=b_strides[0], stride_bk=b_strides[k_dim], stride_bn=b_strides[n_dim],
             GATHER_A=gather_slots > 0, out_scale=1.0 if scale is None else float(scale), SCALE=scale is not None,
-            **lora_args, BLOCK_M=block_m, **blocks, ACC=_acc(tl, a.dtype),
+            **lora_args, **b_args, BLOCK_M=block_m, **blocks, ACC=_acc(tl, a.dtype),
             PRECISION=_PRECISION, **options,
         )
 
-    key = (n, a.shape[1], gather_slots > 0, lora_args["LORA_R"], block_m, tuning.rows_bucket(row_pair.numel(), b.shape[0]))
+    key = (n, a.shape[1], gather_slots > 0, lora_args["LORA_R"], block_m, tuning.rows_bucket(row_pair.numel(), b_shape[0]),
+           *(("4bit",) if b_q else ()))
     tuning.choose("thin" if thin else "grouped_gemm", key, a.dtype, launch, n, thin_n=n if thin else None)
     return c
 
@@ -182,11 +212,15 @@ def _experts_forward(
     down_b: Optional[torch.Tensor],
     gate_up_scale: float,
     down_scale: float,
+    gate_up_q: list[torch.Tensor],
+    down_q: list[torch.Tensor],
+    q_blocks: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     triton, tl, kernels = _triton()
     routing = (row_pair, pair_row, offsets, tile_expert, tile_row)
     T, H = hidden.shape
     E, two_i, _ = gate_up_proj.shape
+    _, w1_strides, w1_args = _weight(gate_up_proj, gate_up_q, q_blocks[:2])
     I = two_i // 2
     K = top_k_weights.shape[1]
     xa = ha = None
@@ -200,22 +234,24 @@ def _experts_forward(
         kernels.gate_up_swiglu.gate_up_swiglu_kernel[(tile_expert.numel() * triton.cdiv(I, blocks["BLOCK_N"]),)](
             hidden, gate_up_proj, z, h, row_pair_ptr=row_pair, tile_expert_ptr=tile_expert, tile_row_ptr=tile_row,
             offsets_ptr=offsets, I=I, H=H, K_SLOTS=K, NUM_ROWS=T * K, stride_xt=hidden.stride(0),
-            stride_xh=hidden.stride(1), stride_we=gate_up_proj.stride(0), stride_wn=gate_up_proj.stride(1),
-            stride_wk=gate_up_proj.stride(2), **lora_args, BLOCK_M=block_m, **blocks, ACC=_acc(tl, hidden.dtype),
-            PRECISION=_PRECISION, **options,
+            stride_xh=hidden.stride(1), stride_we=w1_strides[0], stride_wn=w1_strides[1], stride_wk=w1_strides[2],
+            **lora_args, **w1_args, BLOCK_M=block_m, **blocks, ACC=_acc(tl, hidden.dtype), PRECISION=_PRECISION,
+            **options,
         )
 
-    key = (I, H, lora_args["LORA_R"], block_m, tuning.rows_bucket(T * K, E))
+    key = (I, H, lora_args["LORA_R"], block_m, tuning.rows_bucket(T * K, E), *(("4bit",) if gate_up_q else ()))
     tuning.choose("gate_up", key, hidden.dtype, launch, I)
     if down_a is not None:
         ha = _grouped_gemm(h, down_a, 2, 1, routing, block_m, scale=down_scale)
-    y = _grouped_gemm(h, down_proj, 2, 1, routing, block_m, lora=(ha, down_b, 1, 2) if ha is not None else None)
+    y = _grouped_gemm(h, down_proj, 2, 1, routing, block_m, lora=(ha, down_b, 1, 2) if ha is not None else None,
+                      b_q=down_q, b_blocks=q_blocks[2:])
     out = _combine(y, top_k_weights, pair_row, hidden.new_empty(T, H))
     return out, z, xa if xa is not None else z.new_empty(0), ha if ha is not None else z.new_empty(0)
 
 
 def _experts_forward_fake(hidden, top_k_weights, gate_up_proj, down_proj, row_pair, pair_row, offsets, tile_expert,
-                          tile_row, block_m, gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale):
+                          tile_row, block_m, gate_up_a, gate_up_b, down_a, down_b, gate_up_scale, down_scale,
+                          gate_up_q, down_q, q_blocks):
     rows = row_pair.shape[0]
     return (hidden.new_empty(hidden.shape), hidden.new_empty(rows, gate_up_proj.shape[1]),
             hidden.new_empty(rows, gate_up_a.shape[1]) if gate_up_a is not None else hidden.new_empty(0),
@@ -243,6 +279,9 @@ def _experts_backward(
     down_b: Optional[torch.Tensor],
     gate_up_scale: float,
     down_scale: float,
+    gate_up_q: list[torch.Tensor],
+    down_q: list[torch.Tensor],
+    q_blocks: list[int],
     needs: list[bool],
 ) -> list[torch.Tensor]:
     """Gradients for (hidden, top_k_weights, gate_up_proj, down_proj, gate_up_a, gate_up_b, down_a, down_b), each
@@ -266,6 +305,7 @@ def _experts_backward(
     hs = z.new_empty(T * K, I) if store_hs else z.new_empty(0)
     lora_args = _lora(dob, down_a, 2, 1, dummy=dz)
     partial_dtype = torch.float64 if acc == tl.float64 else torch.float32
+    _, w2_strides, w2_args = _weight(down_proj, down_q, q_blocks[2:])
 
     def launch(blocks, options):
         # dgrad may run lower M-tiles (its epilogue fits in registers at 64 rows): each routing tile is then split
@@ -277,14 +317,14 @@ def _experts_backward(
         kernels.down_dgrad_dswiglu.down_dgrad_dswiglu_kernel[(tile_expert.numel() * (block_m // tile_m) * n_blocks,)](
             grad_out, down_proj, z, top_k_weights, dz, hs, ds_partial, row_pair_ptr=row_pair,
             tile_expert_ptr=tile_expert, tile_row_ptr=tile_row, offsets_ptr=offsets, I=I, H=H, K_SLOTS=K,
-            NUM_ROWS=T * K, stride_dt=grad_out.stride(0), stride_dh=grad_out.stride(1), stride_we=down_proj.stride(0),
-            stride_wh=down_proj.stride(1), stride_wi=down_proj.stride(2), stride_st=top_k_weights.stride(0),
-            stride_sk=top_k_weights.stride(1), **lora_args, STORE_HS=store_hs, TILE_SPLIT=block_m // tile_m,
+            NUM_ROWS=T * K, stride_dt=grad_out.stride(0), stride_dh=grad_out.stride(1), stride_we=w2_strides[0],
+            stride_wh=w2_strides[1], stride_wi=w2_strides[2], stride_st=top_k_weights.stride(0),
+            stride_sk=top_k_weights.stride(1), **lora_args, **w2_args, STORE_HS=store_hs, TILE_SPLIT=block_m // tile_m,
             **dict(blocks, BLOCK_M=tile_m), ACC=acc, PRECISION=_PRECISION, **options,
         )
         return ds_partial
 
-    key = (I, H, lora_args["LORA_R"], store_hs, block_m, tuning.rows_bucket(T * K, E))
+    key = (I, H, lora_args["LORA_R"], store_hs, block_m, tuning.rows_bucket(T * K, E), *(("4bit",) if down_q else ()))
     ds_partial = tuning.choose("dgrad", key, z.dtype, launch, I)
     if need_weights:
         grads[1] = torch.empty(T, K, dtype=top_k_weights.dtype, device=z.device)
@@ -298,7 +338,8 @@ def _experts_backward(
     # allocated, hs before gate_up's): the layer's backward high-water mark is what sets a training step's peak.
     if need_hidden:
         dx_rows = _grouped_gemm(dz, gate_up_proj, 1, 2, routing, block_m,
-                                lora=(dzb, gate_up_a, 2, 1) if dzb is not None else None)
+                                lora=(dzb, gate_up_a, 2, 1) if dzb is not None else None, b_q=gate_up_q,
+                                b_blocks=q_blocks[:2])
         grads[0] = _combine(dx_rows, None, pair_row, hidden.new_empty(T, H))
         del dx_rows
     if need_down:
@@ -322,7 +363,7 @@ def _experts_backward(
 
 def _experts_backward_fake(grad_out, hidden, top_k_weights, gate_up_proj, down_proj, z, xa, ha, row_pair, pair_row,
                            offsets, tile_expert, tile_row, block_m, gate_up_a, gate_up_b, down_a, down_b,
-                           gate_up_scale, down_scale, needs):
+                           gate_up_scale, down_scale, gate_up_q, down_q, q_blocks, needs):
     likes = (hidden, top_k_weights, gate_up_proj, down_proj, gate_up_a, gate_up_b, down_a, down_b)
     return [torch.empty_like(like, memory_format=torch.contiguous_format) if need else z.new_empty(0)
             for need, like in zip(needs, likes)]
@@ -330,20 +371,28 @@ def _experts_backward_fake(grad_out, hidden, top_k_weights, gate_up_proj, down_p
 
 def _setup_context(ctx, inputs, output):
     hidden, top_k_weights, gate_up_proj, down_proj, *routing, block_m = inputs[:10]
-    ctx.save_for_backward(hidden, top_k_weights, gate_up_proj, down_proj, *output[1:], *routing, *inputs[10:14])
+    gate_up_q, down_q, q_blocks = inputs[16:19]
+    ctx.save_for_backward(hidden, top_k_weights, gate_up_proj, down_proj, *output[1:], *routing, *inputs[10:14],
+                          *gate_up_q, *down_q)
     ctx.block_m = block_m
     ctx.scales = inputs[14:16]
+    ctx.q_split, ctx.q_blocks = len(gate_up_q), q_blocks
     ctx.set_materialize_grads(False)  # only out's gradient is ever set; no zero tensors for z, xa, ha
 
 
 def _backward(ctx, grad_out, _grad_z, _grad_xa, _grad_ha, backward=None):
     hidden, top_k_weights, gate_up_proj, down_proj, z, xa, ha, *rest = ctx.saved_tensors
-    routing, lora = rest[:5], rest[5:]
+    routing, lora, q = rest[:5], rest[5:9], rest[9:]
     needs = list(ctx.needs_input_grad[:4]) + list(ctx.needs_input_grad[10:14])
     grads = (backward or experts_backward)(grad_out, hidden, top_k_weights, gate_up_proj, down_proj, z, xa, ha,
-                                           *routing, ctx.block_m, *lora, *ctx.scales, needs)
+                                           *routing, ctx.block_m, *lora, *ctx.scales, q[:ctx.q_split],
+                                           q[ctx.q_split:], ctx.q_blocks, needs)
     grads = [g if need else None for g, need in zip(grads, needs)]
-    return (*grads[:4], *(None,) * 6, *grads[4:], None, None)
+    if backward is None:  # the custom op's autograd: one None per tensor-list element (its inputs' tree structure)
+        no_grads = ([None] * ctx.q_split, [None] * (len(q) - ctx.q_split), None)
+    else:  # autograd.Function: one None per argument
+        no_grads = (None, None, None)
+    return (*grads[:4], *(None,) * 6, *grads[4:], None, None, *no_grads)
 
 
 class _EagerExperts(torch.autograd.Function):

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Weight4bit", "dequantize", "from_bnb", "scales"]
+__all__ = ["Weight4bit", "dequantize", "from_bnb", "scales", "stacked"]
 
 
 class Weight4bit(NamedTuple):
@@ -28,12 +28,19 @@ class Weight4bit(NamedTuple):
     blocksize: int = 64
     absmax2: torch.Tensor | None = None  # nested: float32 [ceil(blocks / blocksize2)]
     code2: torch.Tensor | None = None  # nested: float32 [256]
-    offset: float = 0.0  # nested: added to every dequantized absmax
+    offset: torch.Tensor | None = None  # nested: float32 [] added to every dequantized absmax
     blocksize2: int = 256
 
     @property
     def nested(self) -> bool:
         return self.absmax2 is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def dim(self) -> int:
+        return len(self.shape)
 
     @property
     def numel(self) -> int:
@@ -53,7 +60,8 @@ def from_bnb(packed: torch.Tensor, quant_state) -> Weight4bit:
         packed=packed.reshape(-1), absmax=quant_state.absmax, code=quant_state.code.float(),
         shape=tuple(quant_state.shape), dtype=quant_state.dtype, blocksize=int(quant_state.blocksize),
         absmax2=state2.absmax if nested else None, code2=state2.code.float() if nested else None,
-        offset=float(quant_state.offset) if nested else 0.0, blocksize2=int(state2.blocksize) if nested else 256,
+        offset=quant_state.offset.float().reshape(()) if nested else None,
+        blocksize2=int(state2.blocksize) if nested else 256,
     )
     blocks = -(-weight.numel // weight.blocksize)
     if weight.packed.numel() != -(-weight.numel // 2) or weight.absmax.numel() != blocks or weight.code.numel() != 16:
@@ -68,7 +76,7 @@ def scales(weight: Weight4bit) -> torch.Tensor:
         return weight.absmax
     q = weight.absmax.reshape(-1).long()
     blocks = torch.arange(q.numel(), device=q.device) // weight.blocksize2
-    return weight.code2[q] * weight.absmax2[blocks] + torch.tensor(weight.offset, dtype=torch.float32)
+    return weight.code2[q] * weight.absmax2[blocks] + weight.offset
 
 
 def dequantize(weight: Weight4bit) -> torch.Tensor:
@@ -78,3 +86,15 @@ def dequantize(weight: Weight4bit) -> torch.Tensor:
     index = torch.arange(n, device=weight.packed.device)
     values = weight.code[codes] * scales(weight)[index // weight.blocksize]
     return values.reshape(weight.shape).to(weight.dtype)
+
+
+def stacked(weight: Weight4bit) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed [E, N, K // 2], absmax [E, N, K // blocksize]): views of a stacked weight [E, N, K] in which every
+    row holds its own bytes and blocks (K even and a multiple of the block size), as the grouped kernels read it."""
+    if len(weight.shape) != 3:
+        raise ValueError(f"a stacked experts weight is [E, N, K], got shape {weight.shape}")
+    E, N, K = weight.shape
+    if K % 2 or K % weight.blocksize:
+        raise ValueError(f"4-bit experts need the weights' last dimension ({K}) even and a multiple of the block size "
+                         f"({weight.blocksize}), so that each row holds whole bytes and blocks")
+    return weight.packed.view(E, N, K // 2), weight.absmax.view(E, N, K // weight.blocksize)

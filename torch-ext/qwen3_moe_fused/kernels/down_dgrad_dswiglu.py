@@ -10,11 +10,15 @@ For each row r of expert e (pair p = row_pair[r], token t = p // K, routing weig
 Writes dz [TK, 2I] and hs [TK, I] in z's dtype, ds_partial [cdiv(I, BLOCK_N), TK] in ACC.
 Its M-tiles may be lower than the routing table's: each table tile is TILE_SPLIT tiles of BLOCK_M rows (a
 sub-tile past its expert's last row returns at once), so no second table is built.
+W4BIT: the weight is bitsandbytes' 4-bit storage (``w_ptr`` its packed bytes, the strides those of the dense
+weight it holds, ``wq_*`` its scales and code books: ``dequant4bit.load_4bit``), dequantized tile by tile as it
+is loaded; no dense copy of it exists.
 """
 
 import triton
 import triton.language as tl
 
+from .dequant4bit import load_4bit
 from .lora import add_lora
 
 
@@ -22,10 +26,12 @@ from .lora import add_lora
 def down_dgrad_dswiglu_kernel(
     dout_ptr, w_ptr, z_ptr, s_ptr, dz_ptr, hs_ptr, ds_partial_ptr, la_ptr, lb_ptr,
     row_pair_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
+    wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr,
     I, H, K_SLOTS, NUM_ROWS,
     stride_dt, stride_dh, stride_we, stride_wh, stride_wi, stride_st, stride_sk, stride_lbe, stride_lbn, stride_lbr,
     STORE_HS: tl.constexpr, LORA_R: tl.constexpr, TILE_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    W4BIT: tl.constexpr, W4_NESTED: tl.constexpr, W4_BLOCK: tl.constexpr, W4_BLOCK2: tl.constexpr,
 ):
     # one program per (M-tile, column block), column blocks fastest: the programs that run together
     # share their rows of the A operand (and one expert's weights) in L2
@@ -49,13 +55,20 @@ def down_dgrad_dswiglu_kernel(
     ks = tl.arange(0, BLOCK_K)
 
     dout_rows = dout_ptr + tokens[:, None] * stride_dt
-    w_cols = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wi
+    w_at = expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wi  # element offsets
+    w_cols = w_ptr + w_at
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, H, BLOCK_K):
         k = k0 + ks
         k_mask = k < H
         a = tl.load(dout_rows + k[None, :] * stride_dh, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(w_cols + k[:, None].to(tl.int64) * stride_wh, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if W4BIT:
+            b = load_4bit(w_ptr, wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr,
+                          w_at + k[:, None].to(tl.int64) * stride_wh, k_mask[:, None] & col_mask[None, :], W4_BLOCK,
+                          W4_NESTED, W4_BLOCK2).to(dout_ptr.dtype.element_ty)
+        else:
+            b = tl.load(w_cols + k[:, None].to(tl.int64) * stride_wh, mask=k_mask[:, None] & col_mask[None, :],
+                        other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
 
     if LORA_R > 0:

@@ -6,11 +6,15 @@ with LoRA (LORA_R > 0) z[r] += xa[r] · B1[e]ᵀ, xa = s · x · A1[e]ᵀ comput
 Both accumulators share the gathered x tile; x is read through the gather index, never copied to T·K×H.
 Writes z [TK, 2I] (kept for backward) and h [TK, I] (input of the down projection), in x's dtype; the rows
 of dropped pairs (tiles with expert -2) get zeros in z, so the output is defined everywhere.
+W4BIT: the weight is bitsandbytes' 4-bit storage (``w_ptr`` its packed bytes, the strides those of the dense
+weight it holds, ``wq_*`` its scales and code books: ``dequant4bit.load_4bit``), dequantized tile by tile as it
+is loaded; no dense copy of it exists.
 """
 
 import triton
 import triton.language as tl
 
+from .dequant4bit import load_4bit
 from .lora import add_lora
 
 
@@ -18,10 +22,12 @@ from .lora import add_lora
 def gate_up_swiglu_kernel(
     x_ptr, w_ptr, z_ptr, h_ptr, la_ptr, lb_ptr,
     row_pair_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
+    wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr,
     I, H, K_SLOTS, NUM_ROWS,
     stride_xt, stride_xh, stride_we, stride_wn, stride_wk, stride_lbe, stride_lbn, stride_lbr,
     LORA_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    W4BIT: tl.constexpr, W4_NESTED: tl.constexpr, W4_BLOCK: tl.constexpr, W4_BLOCK2: tl.constexpr,
 ):
     # one program per (M-tile, column block), column blocks fastest: the programs that run together
     # share their rows of the A operand (and one expert's weights) in L2
@@ -46,7 +52,8 @@ def gate_up_swiglu_kernel(
     ks = tl.arange(0, BLOCK_K)
 
     x_rows = x_ptr + tokens[:, None] * stride_xt
-    w_gate = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn
+    w_gate_at = expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn  # element offsets
+    w_gate = w_ptr + w_gate_at
     w_up = w_gate + I * stride_wn
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
@@ -55,8 +62,15 @@ def gate_up_swiglu_kernel(
         k_mask = k < H
         a = tl.load(x_rows + k[None, :] * stride_xh, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w_mask = k_mask[:, None] & col_mask[None, :]
-        b_gate = tl.load(w_gate + k[:, None] * stride_wk, mask=w_mask, other=0.0)
-        b_up = tl.load(w_up + k[:, None] * stride_wk, mask=w_mask, other=0.0)
+        if W4BIT:
+            at = w_gate_at + k[:, None] * stride_wk
+            b_gate = load_4bit(w_ptr, wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr, at,
+                               w_mask, W4_BLOCK, W4_NESTED, W4_BLOCK2).to(x_ptr.dtype.element_ty)
+            b_up = load_4bit(w_ptr, wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr,
+                             at + I * stride_wn, w_mask, W4_BLOCK, W4_NESTED, W4_BLOCK2).to(x_ptr.dtype.element_ty)
+        else:
+            b_gate = tl.load(w_gate + k[:, None] * stride_wk, mask=w_mask, other=0.0)
+            b_up = tl.load(w_up + k[:, None] * stride_wk, mask=w_mask, other=0.0)
         acc_gate = tl.dot(a, b_gate, acc_gate, input_precision=PRECISION, out_dtype=ACC)
         acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION, out_dtype=ACC)
 

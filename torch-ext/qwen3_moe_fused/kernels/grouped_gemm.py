@@ -13,6 +13,7 @@ dropped pairs (tiles with expert -2) get zeros, so c is defined everywhere.
 import triton
 import triton.language as tl
 
+from .dequant4bit import load_4bit
 from .lora import add_lora
 
 
@@ -20,11 +21,13 @@ from .lora import add_lora
 def grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, la_ptr, lb_ptr,
     row_pair_ptr, tile_expert_ptr, tile_row_ptr, offsets_ptr,
+    wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr,
     N, KA, K_SLOTS, NUM_ROWS, out_scale,
     stride_at, stride_ak, stride_be, stride_bk, stride_bn, stride_lbe, stride_lbn, stride_lbr,
     GATHER_A: tl.constexpr, SCALE: tl.constexpr, LORA_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
+    W4BIT: tl.constexpr, W4_NESTED: tl.constexpr, W4_BLOCK: tl.constexpr, W4_BLOCK2: tl.constexpr,
 ):
     # one program per (M-tile, column block), column blocks fastest: the programs that run together
     # share their rows of the A operand (and one expert's weights) in L2
@@ -50,13 +53,19 @@ def grouped_gemm_kernel(
     else:
         a_index = rows.to(tl.int64)
     a_rows = a_ptr + a_index[:, None] * stride_at
-    b_cols = b_ptr + expert.to(tl.int64) * stride_be + cols[None, :].to(tl.int64) * stride_bn
+    b_at = expert.to(tl.int64) * stride_be + cols[None, :].to(tl.int64) * stride_bn  # element offsets
+    b_cols = b_ptr + b_at
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, KA, BLOCK_K):
         k = k0 + ks
         k_mask = k < KA
         a = tl.load(a_rows + k[None, :] * stride_ak, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_cols + k[:, None] * stride_bk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if W4BIT:
+            b = load_4bit(b_ptr, wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr,
+                          b_at + k[:, None] * stride_bk, k_mask[:, None] & col_mask[None, :], W4_BLOCK, W4_NESTED,
+                          W4_BLOCK2).to(a_ptr.dtype.element_ty)
+        else:
+            b = tl.load(b_cols + k[:, None] * stride_bk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
 
     if LORA_R > 0:
