@@ -3,9 +3,9 @@
     qwen3-moe-fused build [--project DIR] [--out DIR] [--backend B ...] [--hub-cache DIR]
     qwen3-moe-fused lock  [--project DIR] [--out FILE]
     qwen3-moe-fused check [--project DIR] [--steps N] [--device cpu|cuda] [--dtype float32|bfloat16]
-    qwen3-moe-fused train [--preset tiny|30b-a3b-4layers | --model PATH] [--impl fused --impl grouped_mm ...]
+    qwen3-moe-fused train [--preset tiny|30b-a3b-4layers|30b-a3b [--layers N] | --model PATH] [--impl fused ...]
                           [--lora-r R] [--gradient-checkpointing] [--data FILE] [--steps N] [--seq S] [--out DIR]
-                          [--fsdp | --ep N]   (under torchrun --nproc_per_node N)
+                          [--fsdp | --ep N | --zero3]   (under torchrun --nproc_per_node N)
     qwen3-moe-fused convert SRC DST --to stacked|per-expert [--max-shard-size 5GB] [--config-for transformers4]
 """
 
@@ -177,7 +177,7 @@ def _train_command(args) -> int:
     _check_device(args.device)
     impls = args.impl or ["fused"]
     rank = 0
-    if args.fsdp or args.ep:
+    if args.fsdp or args.ep or args.zero3:
         from .parallel import init_process_group
 
         rank, _ = init_process_group(args.device)
@@ -195,13 +195,16 @@ def _train_command(args) -> int:
             gradient_checkpointing=args.gradient_checkpointing, device=args.device, dtype=args.dtype, lr=args.lr,
             kernel=kernel, log_every=args.log_every if rank == 0 else 0,
             show_progress=not args.no_progress and sys.stderr.isatty(),
-            fsdp=args.fsdp, ep=args.ep)
-    engine = f", EP {args.ep} + FSDP2" if args.ep else (", FSDP2" if args.fsdp else "")
+            fsdp=args.fsdp, ep=args.ep, zero3=args.zero3,
+            config_overrides={"num_hidden_layers": args.layers} if args.layers else None)
+    engine = f", EP {args.ep} + FSDP2" if args.ep else (
+        ", FSDP2" if args.fsdp else (", DeepSpeed ZeRO-3" if args.zero3 else ""))
     what = (f"{args.model or args.preset}, {'LoRA r' + str(args.lora_r) if args.lora_r else 'full fine-tune'}, "
             f"{args.batch}x{args.seq} tokens/step{' per rank' if engine else ''}, {args.steps} steps, {args.dtype} on "
             f"{args.device}{engine}{', gradient checkpointing' if args.gradient_checkpointing else ''}")
-    ranks = train.per_rank_table(results)
-    if args.fsdp or args.ep:
+    every = train.gather_ranks(results)
+    ranks = train.per_rank_table(results, every)
+    if args.fsdp or args.ep or args.zero3:
         import torch.distributed as dist
 
         dist.barrier()
@@ -216,7 +219,11 @@ def _train_command(args) -> int:
             "environment": train.environment(args.device),
             "setup": {**{k: v for k, v in vars(args).items() if k != "func"}, "description": what},
             "runs": [dataclasses.asdict(r) | {"tokens_per_second": r.tokens_per_second(), "final_loss": r.final_loss()}
-                     for r in results]}, indent=1))
+                     for r in results],
+            "ranks": [[dict(zip(("impl", "tokens_per_second", "peak_mib", "first_step_seconds"), run)) for run in rank]
+                      for rank in every] if every else None,
+            "flops_per_token": train.flops_per_token(train.build_config(args.preset, args.model, args.layers), args.seq),
+        }, indent=1))
         if len(results) > 1:
             try:
                 train.plot(results, out / "loss.png", what)
@@ -298,7 +305,7 @@ def main(argv=None) -> int:
     check.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype")
     tr = sub.add_parser("train", formatter_class=formatter, help="fine-tune a Qwen3-MoE on real text; several --impl compare loss and speed")
     tr.add_argument("--project", help=project_help)
-    tr.add_argument("--preset", default="tiny", help="local config: tiny or 30b-a3b-4layers")
+    tr.add_argument("--preset", default="tiny", help="local config: tiny, 30b-a3b-4layers or 30b-a3b (full depth)")
     tr.add_argument("--model", help="path of a Qwen3-MoE checkpoint instead of a preset")
     tr.add_argument("--impl", action="append", choices=train_impls,
                     help="experts implementation (repeatable, run in order; fused-liger = fused with "
@@ -320,6 +327,8 @@ def main(argv=None) -> int:
     scale.add_argument("--fsdp", action="store_true", help="FSDP2 per decoder layer (launch with torchrun)")
     scale.add_argument("--ep", type=int, default=0, metavar="N",
                        help="transformers expert parallelism over N ranks, FSDP over all (launch with torchrun)")
+    scale.add_argument("--zero3", action="store_true", help="DeepSpeed ZeRO-3 (launch with torchrun)")
+    tr.add_argument("--layers", type=int, help="decoder layers of the preset (default: the preset's)")
     conv = sub.add_parser("convert", formatter_class=formatter, help="experts' checkpoint or LoRA adapter: per-expert <-> stacked, losslessly")
     conv.add_argument("src", help="checkpoint folder (safetensors) or PEFT adapter folder")
     conv.add_argument("dst", help="output folder (new or without weights)")

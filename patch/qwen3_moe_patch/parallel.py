@@ -111,7 +111,8 @@ def fsdp2(model, *, experts_unit=False, reshard=True, mixed_precision=None):
 
 def deepspeed_zero3(model, optimizer, *, device="cpu"):
     """(engine, optimizer) of DeepSpeed ZeRO-3 around ``model`` with ``optimizer``; on CPU through DeepSpeed's CPU
-    accelerator (install with ``DS_BUILD_OPS=0``)."""
+    accelerator (install with ``DS_BUILD_OPS=0``). A bfloat16 model trains in DeepSpeed's bf16 mode (its optimizer
+    keeps float32 master weights)."""
     if not device.startswith("cuda"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -119,5 +120,9 @@ def deepspeed_zero3(model, optimizer, *, device="cpu"):
     world = int(os.environ.get("WORLD_SIZE", 1))
     config = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": world, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": 3}, "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
+    import torch
+
+    if next(model.parameters()).dtype == torch.bfloat16:
+        config["bf16"] = {"enabled": True}
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine, optimizer

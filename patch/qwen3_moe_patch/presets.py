@@ -1,5 +1,6 @@
-"""Qwen3-MoE model configurations built locally (no download): a tiny one for checks and tests, and
-Qwen3-30B-A3B's widths with 4 layers for GPU training benchmarks. Both have a byte-level vocabulary (256)."""
+"""Qwen3-MoE model configurations built locally (no download): a tiny one for checks and tests, Qwen3-30B-A3B's
+widths with 4 layers for GPU training benchmarks (both with a byte-level vocabulary of 256), and the full
+Qwen3-30B-A3B architecture (48 layers, its 151,936-token vocabulary: 30.5 B parameters) for multi-GPU runs."""
 
 import copy
 
@@ -21,6 +22,8 @@ PRESETS = {
         output_router_logits=True, router_aux_loss_coef=0.001, tie_word_embeddings=False,
     ),
 }
+# The whole Qwen3-30B-A3B architecture (its config.json's sizes); trained on bytes, whose ids are < 256.
+PRESETS["30b-a3b"] = dict(PRESETS["30b-a3b-4layers"], vocab_size=151936, num_hidden_layers=48)
 
 
 def make_config(preset: str = "tiny", **overrides):

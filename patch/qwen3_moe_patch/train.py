@@ -197,12 +197,26 @@ def make_optimizer(model, *, lr=1e-4, device="cpu"):
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=torch.device(device).type == "cuda")
 
 
-def train_run(model, batches, *, impl, lr=1e-4, device="cpu", progress=None, log_every=0, log=print) -> RunResult:
-    """Train ``model`` on ``batches`` (AdamW); the loss and the wall time of every step."""
+def train_run(model, batches, *, impl, lr=1e-4, device="cpu", progress=None, log_every=0, log=print,
+              zero3=False) -> RunResult:
+    """Train ``model`` on ``batches`` (AdamW; with ``zero3`` inside a DeepSpeed ZeRO-3 engine); the loss and the
+    wall time of every step."""
     import torch
 
     cuda = torch.device(device).type == "cuda"
     optimizer = make_optimizer(model, lr=lr, device=device)
+    if zero3:
+        from .parallel import deepspeed_zero3
+
+        model, optimizer = deepspeed_zero3(model, optimizer, device=device)
+        backward, optimizer_step = model.backward, model.step  # the engine steps and zeroes the gradients itself
+    else:
+        def backward(loss):
+            loss.backward()
+
+        def optimizer_step():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     model.train()
     if cuda:
         torch.cuda.synchronize()
@@ -212,9 +226,8 @@ def train_run(model, batches, *, impl, lr=1e-4, device="cpu", progress=None, log
         input_ids = input_ids.to(device)
         start = time.perf_counter()
         out = model(input_ids=input_ids, labels=input_ids)  # loss includes the router's aux loss (× its coef)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        backward(out.loss)
+        optimizer_step()
         lm_loss = out.loss.item()  # synchronises
         seconds.append(time.perf_counter() - start)
         losses.append(lm_loss)
@@ -231,7 +244,7 @@ def train_run(model, batches, *, impl, lr=1e-4, device="cpu", progress=None, log
 
 def compare(impls, *, steps, batch, seq, seed=0, data=None, preset="tiny", model_path=None, lora_r=0,
             gradient_checkpointing=False, device="cpu", dtype="float32", lr=1e-4, kernel=None, log_every=0,
-            show_progress=True, log=print, config_overrides=None, fsdp=False, ep=0):
+            show_progress=True, log=print, config_overrides=None, fsdp=False, ep=0, zero3=False):
     """One run per implementation on the same batches from the same weights; list of RunResult. Under torchrun
     each rank draws its own batches (seed + rank) and the results are this rank's."""
     import torch
@@ -261,7 +274,7 @@ def compare(impls, *, steps, batch, seq, seed=0, data=None, preset="tiny", model
             progress = tqdm(total=steps, desc=impl, file=sys.stderr, leave=False)
         try:
             results.append(train_run(model, batches, impl=impl, lr=lr, device=device, progress=progress,
-                                     log_every=log_every, log=log))
+                                     log_every=log_every, log=log, zero3=zero3))
         finally:
             if progress is not None:
                 progress.close()
@@ -319,22 +332,53 @@ def environment(device="cpu") -> dict:
     return env
 
 
+def build_config(preset="tiny", model_path=None, layers=None):
+    """The config a run trains: the checkpoint's, or the preset's (with ``layers`` decoder layers if given)."""
+    if model_path:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(model_path)
+    from .presets import make_config
+
+    return make_config(preset, **({"num_hidden_layers": layers} if layers else {}))
+
+
+def flops_per_token(config, seq: int) -> float:
+    """Training FLOPs per token of a Qwen3-MoE config: 6 × the matrix parameters a token goes through (attention
+    projections, router, its top-k experts, the LM head) plus 12 × layers × attention width × sequence length for
+    the attention scores and their use (forward and backward, no causal discount)."""
+    H, L = config.hidden_size, config.num_hidden_layers
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    attention = H * q * 2 + H * kv * 2  # q and o, k and v
+    experts = config.num_experts_per_tok * 3 * H * config.moe_intermediate_size
+    per_layer = attention + H * config.num_experts + experts
+    return 6 * (L * per_layer + H * config.vocab_size) + 12 * L * q * seq
+
+
 def window_means(losses, window: int = 20) -> list:
     """Means of consecutive ``window``-step blocks of a loss curve (a trailing partial block is left out): the
     curves of two bfloat16 runs differ step by step by rounding noise; their block means show any drift."""
     return [sum(losses[i:i + window]) / window for i in range(0, len(losses) - window + 1, window)]
 
 
-def per_rank_table(results) -> str | None:
-    """Markdown: tokens/s and peak memory of every rank for each implementation (None outside torchrun). All
-    ranks must call it (it gathers)."""
+def gather_ranks(results) -> list | None:
+    """Per rank, per implementation: (impl, tokens/s, peak MiB, first step s); None outside torchrun. All ranks
+    must call it (it gathers)."""
     if not _distributed():
         return None
     import torch.distributed as dist
 
-    mine = [(r.impl, r.tokens_per_second(), r.peak_mib) for r in results]
+    mine = [(r.impl, r.tokens_per_second(), r.peak_mib, r.step_seconds[0] if r.step_seconds else 0.0)
+            for r in results]
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
+    return every
+
+
+def per_rank_table(results, every) -> str | None:
+    """Markdown: tokens/s and peak memory of every rank (``gather_ranks``) for each implementation."""
+    if every is None:
+        return None
     lines = ["| impl | rank | tokens/s | peak MiB |", "|---|---|---|---|"]
     for i, r in enumerate(results):
         lines += [f"| {r.impl} | {rank} | {ranks[i][1]:.0f} | {ranks[i][2]:.0f} |" for rank, ranks in enumerate(every)]
@@ -385,6 +429,6 @@ def plot(results, path, title=""):
     return fig
 
 
-__all__ = ["IMPLS", "RunResult", "build_model", "compare", "environment", "make_batches", "make_optimizer",
-           "per_rank_table", "plot", "preset_checkpoint", "stdlib_corpus", "table", "token_stream", "train_run",
-           "window_means"]
+__all__ = ["IMPLS", "RunResult", "build_config", "build_model", "compare", "environment", "flops_per_token", "gather_ranks",
+           "make_batches", "make_optimizer", "per_rank_table", "plot", "preset_checkpoint", "stdlib_corpus", "table",
+           "token_stream", "train_run", "window_means"]
