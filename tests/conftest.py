@@ -69,15 +69,35 @@ def kernel(hub_revision):
     return kernels.get_kernel(REPO_ID, version=1)
 
 
-@pytest.fixture(scope="session")
-def transformers457() -> Path:
-    """A folder with transformers 4.57.1 for subprocesses (tests/legacy.py). Without network it is skipped, except
-    in CI (CI set), where a missing 4.57 is an error."""
-    import legacy
-
+def _installed(install):
+    """``install()``'s folder; without network it is skipped, except in CI (CI set), where that is an error."""
     try:
-        return legacy.install()
+        return install()
     except RuntimeError as err:
         if os.environ.get("CI"):
             raise
         pytest.skip(str(err))
+
+
+@pytest.fixture(scope="session")
+def transformers457() -> Path:
+    """A folder with transformers 4.57.1 for subprocesses (tests/legacy.py)."""
+    import legacy
+
+    return _installed(legacy.install)
+
+
+@pytest.fixture(scope="session")
+def bnb():
+    """``bitsandbytes.functional`` 0.50.2 from a private folder, importable in this process only (tests/
+    private_packages.py says why it is not in the test environment)."""
+    import sys
+
+    import private_packages
+
+    folder = _installed(lambda: private_packages.install("bitsandbytes-0.50.2", ["bitsandbytes==0.50.2"]))
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    import bitsandbytes.functional
+
+    return bitsandbytes.functional

@@ -14,22 +14,15 @@ import sys
 import textwrap
 from pathlib import Path
 
+import private_packages
+
 PACKAGES = ("transformers==4.57.1", "huggingface_hub==0.36.0", "tokenizers==0.22.1")
 _PRELUDE = "import sys, json\nsys.modules['kernels'] = None  # kernels 0.17 needs huggingface_hub >= 1\n"
 
 
 def install(cache_root=None) -> Path:
     """The folder holding transformers 4.57.1 (installed on first use); raises RuntimeError with pip's output."""
-    root = Path(cache_root or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen3-moe-fused"
-    target = root / "transformers-4.57.1"
-    if (target / ".complete").exists():
-        return target
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--disable-pip-version-check",
-                             "--target", str(target), "--upgrade", *PACKAGES], capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(f"pip could not install {' '.join(PACKAGES)}: {result.stderr.strip()[-500:]}")
-    (target / ".complete").write_text("\n".join(PACKAGES))
-    return target
+    return private_packages.install("transformers-4.57.1", PACKAGES, cache_root)
 
 
 def run(target: Path, code: str, **inputs):

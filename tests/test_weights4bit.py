@@ -1,7 +1,6 @@
 """Stacked experts in bitsandbytes' 4-bit storage: the reference dequantization is bitsandbytes' own, bit for bit,
 and the dequantize kernel (Triton's interpreter on CPU) gives the same bits."""
 
-import bitsandbytes.functional as bnb
 import pytest
 import torch
 
@@ -9,7 +8,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(3, 40, 72), (2, 5, 7)]  # the second: numel neither a multiple of the block size nor even
 
 
-def _quantized(shape, dtype, quant_type, nested, blocksize, seed):
+def _quantized(bnb, shape, dtype, quant_type, nested, blocksize, seed):
     gen = torch.Generator().manual_seed(seed)
     w = (torch.randn(*shape, generator=gen) * 0.02).to(dtype)
     w[0, 0, :3] = 0.0  # an all-zero start of a block and exact zeros among the values
@@ -22,9 +21,9 @@ def _quantized(shape, dtype, quant_type, nested, blocksize, seed):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES, ids=["40x72", "5x7"])
-def test_dequantize_is_bitsandbytes_bit_for_bit(kernel, shape, dtype, quant_type, nested):
+def test_dequantize_is_bitsandbytes_bit_for_bit(kernel, bnb, shape, dtype, quant_type, nested):
     for seed, blocksize in ((0, 64), (1, 128)):
-        packed, state = _quantized(shape, dtype, quant_type, nested, blocksize, seed)
+        packed, state = _quantized(bnb, shape, dtype, quant_type, nested, blocksize, seed)
         weight = kernel.weights4bit.from_bnb(packed, state)
         want = bnb.dequantize_4bit(packed, state)
         assert weight.nested == nested and weight.shape == shape and weight.dtype == dtype
@@ -35,8 +34,8 @@ def test_dequantize_is_bitsandbytes_bit_for_bit(kernel, shape, dtype, quant_type
         assert want.abs().max() > 0 and (want == 0).any()
 
 
-def test_inconsistent_storage_is_refused(kernel):
-    packed, state = _quantized((2, 8, 64), torch.float32, "nf4", False, 64, 2)
+def test_inconsistent_storage_is_refused(kernel, bnb):
+    packed, state = _quantized(bnb, (2, 8, 64), torch.float32, "nf4", False, 64, 2)
     state.shape = torch.Size((2, 8, 128))  # a shape the bytes do not hold
     with pytest.raises(ValueError, match="inconsistent 4-bit storage"):
         kernel.weights4bit.from_bnb(packed, state)
@@ -76,7 +75,7 @@ class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize("nested", [False, True], ids=["absmax", "nested"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_experts_on_4bit_weights_match_the_reference_on_their_dequantized_weights(kernel, dtype, nested):
+def test_experts_on_4bit_weights_match_the_reference_on_their_dequantized_weights(kernel, bnb, dtype, nested):
     """Forward and the gradients of x, the routing weights and LoRA factors on frozen 4-bit experts (QLoRA):
     the kernels dequantize every weight tile as they load it, and no op allocates anything of a weight's size."""
     from test_kernels import TOL, _lora_factors, assert_close_rel
@@ -105,14 +104,14 @@ def test_experts_on_4bit_weights_match_the_reference_on_their_dequantized_weight
         assert_close_rel(got, want, TOL[dtype], f"4-bit {dtype} {name}")
 
 
-def test_4bit_rows_must_hold_whole_blocks(kernel):
-    packed, state = _quantized((2, 8, 96), torch.float32, "nf4", False, 64, 3)  # 96 = 1.5 blocks per row
+def test_4bit_rows_must_hold_whole_blocks(kernel, bnb):
+    packed, state = _quantized(bnb, (2, 8, 96), torch.float32, "nf4", False, 64, 3)  # 96 = 1.5 blocks per row
     w4 = kernel.weights4bit.from_bnb(packed, state)
     with pytest.raises(ValueError, match="multiple of the block size"):
         kernel.weights4bit.stacked(w4)
 
 
-def test_opcheck_with_4bit_weights(kernel):
+def test_opcheck_with_4bit_weights(kernel, bnb):
     """The custom op (what torch.compile and export see) with 4-bit weights: fake tensors, schema, autograd."""
     x, index, weights, dense, _ = _experts_problem(torch.float32, 40)
     ops = kernel.ops
