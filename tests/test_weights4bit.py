@@ -129,3 +129,43 @@ def test_opcheck_with_4bit_weights(kernel, bnb):
     args = (x, weights, *operands, *ops.route(index.to(DEVICE), E, block_m), block_m, None, None, None, None, 1.0, 1.0,
             *q, blocks)
     torch.library.opcheck(ops.experts_forward, args)
+
+
+@pytest.mark.gpu
+def test_experts_on_4bit_weights_in_bfloat16_on_the_gpu(kernel, bnb):
+    """bf16 on the GPU at Qwen3-30B-A3B widths (8 experts): the compiled 4-bit loads against the float32
+    reference on the dequantized weights, with LoRA."""
+    from test_kernels import TOL, _lora_factors, assert_close_rel
+
+    gen = torch.Generator().manual_seed(41)
+    E, T, K, H, I = 8, 512, 4, 2048, 768
+    index = torch.rand(T, E, generator=gen).topk(K, dim=-1).indices.cuda()
+    weights = torch.softmax(torch.randn(T, K, generator=gen), -1).cuda().bfloat16().requires_grad_()
+    x = torch.randn(T, H, generator=gen).cuda().bfloat16().requires_grad_()
+    quantized = []
+    for shape, nested in (((E, 2 * I, H), True), ((E, H, I), False)):
+        w = (torch.randn(*shape, generator=gen) * 0.02).cuda().bfloat16()
+        quantized.append(kernel.weights4bit.from_bnb(*bnb.quantize_4bit(w, quant_type="nf4",
+                                                                         compress_statistics=nested)))
+    exact = [kernel.dequantize_4bit(q) for q in quantized]
+    assert torch.equal(exact[0], bnb.dequantize_4bit(quantized[0].packed, _state_of(bnb, quantized[0], exact[0])))
+    factors = _lora_factors(exact[0], exact[1], (16, 16), 42)
+    lora = kernel.ExpertsLora(*factors, gate_up_scale=2.0, down_scale=2.0)
+    grad_out = torch.randn(T, H, generator=gen).cuda().bfloat16()
+    out = kernel.moe_experts(x, index, weights, *quantized, lora=lora)
+    grads = torch.autograd.grad(out, [x, weights, *factors], grad_out)
+    ref = [t.detach().float().requires_grad_() for t in (x, weights, *factors)]
+    ref_out = kernel.reference.moe_experts(ref[0], index, ref[1], *(w.float() for w in exact),
+                                           lora=kernel.ExpertsLora(*ref[2:], gate_up_scale=2.0, down_scale=2.0))
+    ref_grads = torch.autograd.grad(ref_out, ref, grad_out.float())
+    for j, (got, want) in enumerate(zip((out, *grads), (ref_out, *ref_grads))):
+        assert_close_rel(got, want, TOL[torch.bfloat16], f"4-bit bf16 output/gradient {j}")
+
+
+def _state_of(bnb, weight, like):
+    """A bitsandbytes QuantState for ``weight`` (as quantize_4bit made it), to dequantize with bitsandbytes."""
+    state2 = bnb.QuantState(absmax=weight.absmax2, code=weight.code2, blocksize=weight.blocksize2,
+                            dtype=torch.float32) if weight.nested else None
+    return bnb.QuantState(absmax=weight.absmax, shape=torch.Size(weight.shape), code=weight.code,
+                          blocksize=weight.blocksize, quant_type="nf4", dtype=like.dtype, offset=weight.offset,
+                          state2=state2)
