@@ -106,11 +106,16 @@ def test_cli_errors_are_one_line_with_the_fix(tmp_path, hub_cache):
     if not torch.cuda.is_available():
         line = _error(_cli("check", "--device", "cuda", env=env, cwd=ROOT))
         assert "CUDA is not available here" in line and "use --device cpu" in line
-    try:
-        import liger_kernel  # noqa: F401
-    except ImportError:
-        line = _error(_cli("train", "--impl", "liger", "--steps", "1", env=env, cwd=ROOT))
-        assert "pip install liger-kernel==0.8.5" in line
+    for impl in ("liger", "fused-liger"):  # Liger-Kernel's kernels run on CUDA only
+        line = _error(_cli("train", "--impl", impl, "--steps", "1", env=env, cwd=ROOT))
+        assert f"--impl {impl}: Liger-Kernel's kernels run on CUDA only: add --device cuda" in line
+    for scale in (["--fsdp"], ["--ep", "2"], ["--zero3"]):  # without torchrun
+        line = _error(_cli("train", *scale, "--steps", "1", env=env, cwd=ROOT))
+        assert f"{scale[0]} needs several processes: launch with torchrun --nproc_per_node N" in line
+    line = _error(_cli("train", "--layers", "0", env=env, cwd=ROOT))
+    assert "argument --layers: '0' is not a whole number ≥ 1" in line
+    line = _error(_cli("train", "--layers", "2", "--model", str(tmp_path), env=env, cwd=ROOT))
+    assert "--layers sets a preset's depth; a --model checkpoint has its own: drop one of them" in line
     line = _error(_cli("convert", str(tmp_path / "missing"), str(tmp_path / "out"), "--to", "stacked", env=env, cwd=ROOT))
     assert "is not a folder" in line
     make_model(seed=0).save_pretrained(tmp_path / "ckpt")

@@ -106,8 +106,11 @@ def test_patching_again_with_liger_switches_and_unpatch_restores(kernel):
     assert patch_qwen3_moe(model, kernel=kernel).liger is None
     assert patch_qwen3_moe(model, kernel=kernel, liger=True).liger  # same kernel, Liger added
     assert patch_qwen3_moe(model, kernel=kernel, liger=True).liger  # already so: nothing done
-    assert patch_qwen3_moe(model, kernel=kernel).liger is None  # Liger removed again
-    assert all(m.forward.__func__ is not None for m in model.modules() if "forward" in m.__dict__)
+    assert patch_qwen3_moe(model, kernel=kernel).liger is None  # Liger removed again, the experts still ours
+    assert modeling_qwen3_moe.apply_rotary_pos_emb is state[1]["apply_rotary_pos_emb"]
+    assert "forward" not in model.__dict__
+    assert all("forward" not in m.__dict__ for m in model.modules() if type(m).__name__ == "Qwen3MoeRMSNorm")
+    assert all(b.forward.__func__ is kernel.layers.Qwen3MoeSparseMoeBlock.forward for _, b in find_moe_blocks(model))
     unpatch_qwen3_moe(model)
     _assert_state(model, state)
 

@@ -33,7 +33,7 @@ def test_scale_out_table_at_world_size_2_on_cpu(tmp_path):
         assert row["environment"]["commit"]
     for engine in ("fsdp2", "zero3"):  # same weights and batches: the kernel's CPU path trains like grouped_mm
         assert rows[(engine, "fused")]["max_loss_diff"] < 1e-4
-        assert rows[(engine, "fused")]["losses"] != rows[(engine, "grouped_mm")]["losses"][:1] * 3  # it learns
+        assert len(set(rows[(engine, "fused")]["losses"])) == 3  # the weights change from step to step
     assert "invalid choice" in rows[("fsdp2", "no-such-impl")]["error"]  # a failed row is reported, not raised
 
 

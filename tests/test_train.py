@@ -91,6 +91,24 @@ def test_train_cli_writes_results_and_loss_plot(tmp_path):
     assert "Δ 20-step means vs float32" in bf16 and 0 < float(row.split("|")[-2]) < 0.1
 
 
+def test_flops_per_token_counts_the_matrices_a_token_passes_through():
+    """The model FLOPs the multi-GPU table reports, against the parameters of the model itself: every matrix of
+    attention, the router and the LM head, K of the E experts' (embeddings and norms do no matrix work)."""
+    from transformers import Qwen3MoeForCausalLM
+
+    from qwen3_moe_patch.presets import make_config
+
+    config = make_config("30b-a3b", num_hidden_layers=2)
+    with torch.device("meta"):
+        model = Qwen3MoeForCausalLM(config)
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    matrices = sum(p.numel() for n, p in model.named_parameters()
+                   if p.dim() == 2 and "embed_tokens" not in n) + experts * config.num_experts_per_tok // config.num_experts
+    seq = 4096
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq
+    assert train.flops_per_token(config, seq) == 6 * matrices + attention
+
+
 def test_unknown_impl_is_refused():
     with pytest.raises(ValueError, match="unknown implementation 'triton'"):
         train.build_model("triton")

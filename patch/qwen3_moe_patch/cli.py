@@ -119,6 +119,13 @@ def _cli_kernel(project):
     yield kernel, source.version
 
 
+def _positive(text: str) -> int:
+    """argparse type: an integer ≥ 1."""
+    if not text.lstrip("-").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number ≥ 1")
+    return int(text)
+
+
 def _check_device(device: str) -> None:
     import torch
 
@@ -172,12 +179,23 @@ def _check(args) -> int:
 
 
 def _train_command(args) -> int:
+    import os
+
     from . import train
 
     _check_device(args.device)
     impls = args.impl or ["fused"]
+    liger = [impl for impl in impls if "liger" in impl]
+    if liger and not args.device.startswith("cuda"):
+        raise ValueError(f"--impl {liger[0]}: Liger-Kernel's kernels run on CUDA only: add --device cuda, or drop it")
+    if args.layers is not None and args.model:
+        raise ValueError("--layers sets a preset's depth; a --model checkpoint has its own: drop one of them")
+    scale = "--fsdp" if args.fsdp else ("--ep" if args.ep else ("--zero3" if args.zero3 else None))
+    if scale and "RANK" not in os.environ:
+        raise ValueError(f"{scale} needs several processes: launch with torchrun --nproc_per_node N -m "
+                         "qwen3_moe_patch.cli train ...")
     rank = 0
-    if args.fsdp or args.ep or args.zero3:
+    if scale:
         from .parallel import init_process_group
 
         rank, _ = init_process_group(args.device)
@@ -196,7 +214,7 @@ def _train_command(args) -> int:
             kernel=kernel, log_every=args.log_every if rank == 0 else 0,
             show_progress=not args.no_progress and sys.stderr.isatty(),
             fsdp=args.fsdp, ep=args.ep, zero3=args.zero3,
-            config_overrides={"num_hidden_layers": args.layers} if args.layers else None)
+            config_overrides={"num_hidden_layers": args.layers} if args.layers is not None else None)
     engine = f", EP {args.ep} + FSDP2" if args.ep else (
         ", FSDP2" if args.fsdp else (", DeepSpeed ZeRO-3" if args.zero3 else ""))
     what = (f"{args.model or args.preset}, {'LoRA r' + str(args.lora_r) if args.lora_r else 'full fine-tune'}, "
@@ -204,7 +222,7 @@ def _train_command(args) -> int:
             f"{args.device}{engine}{', gradient checkpointing' if args.gradient_checkpointing else ''}")
     every = train.gather_ranks(results)
     ranks = train.per_rank_table(results, every)
-    if args.fsdp or args.ep or args.zero3:
+    if scale:
         import torch.distributed as dist
 
         dist.barrier()
@@ -328,7 +346,7 @@ def main(argv=None) -> int:
     scale.add_argument("--ep", type=int, default=0, metavar="N",
                        help="transformers expert parallelism over N ranks, FSDP over all (launch with torchrun)")
     scale.add_argument("--zero3", action="store_true", help="DeepSpeed ZeRO-3 (launch with torchrun)")
-    tr.add_argument("--layers", type=int, help="decoder layers of the preset (default: the preset's)")
+    tr.add_argument("--layers", type=_positive, help="decoder layers of the preset (default: the preset's)")
     conv = sub.add_parser("convert", formatter_class=formatter, help="experts' checkpoint or LoRA adapter: per-expert <-> stacked, losslessly")
     conv.add_argument("src", help="checkpoint folder (safetensors) or PEFT adapter folder")
     conv.add_argument("dst", help="output folder (new or without weights)")

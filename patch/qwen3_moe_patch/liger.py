@@ -17,7 +17,7 @@ import importlib
 import importlib.metadata
 import logging
 
-__all__ = ["TESTED_VERSIONS", "apply", "undo"]
+__all__ = ["TESTED_VERSIONS", "apply", "causal_lm", "check", "installed_version", "undo"]
 
 logger = logging.getLogger("qwen3_moe_patch")
 
@@ -33,7 +33,8 @@ def installed_version() -> str | None:
         return None
 
 
-def _causal_lm(model):
+def causal_lm(model):
+    """The one Qwen3MoeForCausalLM in ``model`` (itself, or inside a PEFT wrapper); else a clear error."""
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
 
     found = [m for m in model.modules() if isinstance(m, Qwen3MoeForCausalLM)]
@@ -66,12 +67,12 @@ def apply(model) -> dict:
     from liger_kernel.transformers import apply_liger_kernel_to_qwen3_moe
     from transformers.models.qwen3_moe import modeling_qwen3_moe
 
-    causal_lm = _causal_lm(model)
-    modules = list(causal_lm.modules())
+    lm = causal_lm(model)
+    modules = list(lm.modules())
     before = [dict(m.__dict__) for m in modules]
     module_before = dict(vars(modeling_qwen3_moe))
     try:
-        apply_liger_kernel_to_qwen3_moe(**_KERNELS, model=causal_lm)
+        apply_liger_kernel_to_qwen3_moe(**_KERNELS, model=lm)
     except Exception:
         undo(_record(modules, before, modeling_qwen3_moe, module_before))
         raise
@@ -80,7 +81,7 @@ def apply(model) -> dict:
         undo(record)
         raise RuntimeError("liger-kernel replaced transformers' experts although swiglu=False: this composition "
                            "cannot use it; patch without liger=True")
-    if next(causal_lm.parameters()).device.type == "cpu":  # patching before .cuda() is fine; running there is not
+    if next(lm.parameters()).device.type == "cpu":  # patching before .cuda() is fine; running there is not
         logger.warning("qwen3-moe-fused: Liger's kernels run on CUDA devices, and this model is on the CPU: move it "
                        "to the GPU before running it")
     if record["globals"]:

@@ -209,7 +209,7 @@ def patch_qwen3_moe(
     _check(model, blocks, mode if kernelize else None)
     if liger:
         liger_kernels.check()
-        liger_kernels._causal_lm(model)
+        liger_kernels.causal_lm(model)
     source = KernelSource.resolve(kernel, repo_id, version, revision, local_path, locked, trust_remote_code)
     if any(_MARK in block.__dict__ for _, block in blocks):
         report = next(block.__dict__[_MARK][0] for _, block in blocks if _MARK in block.__dict__)
@@ -254,7 +254,7 @@ def patch_qwen3_moe(
         except Exception:
             unpatch_qwen3_moe(model)
             raise
-        liger_kernels._causal_lm(model).__dict__[_LIGER] = record
+        liger_kernels.causal_lm(model).__dict__[_LIGER] = record
         report.liger = liger_kernels.installed_version()
     logger.info("%s", report)
     return report

@@ -340,7 +340,7 @@ def build_config(preset="tiny", model_path=None, layers=None):
         return AutoConfig.from_pretrained(model_path)
     from .presets import make_config
 
-    return make_config(preset, **({"num_hidden_layers": layers} if layers else {}))
+    return make_config(preset, **({"num_hidden_layers": layers} if layers is not None else {}))
 
 
 def flops_per_token(config, seq: int) -> float:

@@ -2,8 +2,8 @@
 
 Same content as ``reference.route`` plus the per-tile table the M-tiled grouped GEMMs launch over: tile t
 covers rows ``tile_row[t] : tile_row[t] + BLOCK_M`` (clipped to its expert's end) of expert ``tile_expert[t]``.
-The rows of dropped pairs (ids outside [0, E), after the last expert's rows) are tiled too, with expert
-DROPPED, so the forward can define every row of its outputs; unused tiles have expert UNUSED. The tile count is
+The rows of dropped pairs (ids outside [0, E), after the last expert's rows) are tiled too, with expert -2,
+so the forward can define every row of its outputs; unused tiles have expert -1. The tile count is
 bounded by ``TK // BLOCK_M + min(E + 1, TK)``, since Σ_b ceil(c_b / BLOCK_M) ≤ Σ_b (c_b // BLOCK_M + [c_b > 0])
 over the E + 1 buckets (E experts, then the dropped pairs).
 
@@ -24,8 +24,6 @@ import triton.language as tl
 
 from ..tuning import max_tiles
 
-DROPPED = -2  # tile_expert of the tiles over dropped pairs' rows
-UNUSED = -1  # tile_expert of the tiles past the last one
 _SUB = 64  # pairs a chunk's programs take per step (a [SUB, buckets] one-hot in registers)
 _MAX_CHUNKS = 256  # chunks per routing at most: the scan's serial loop stays short
 
@@ -36,7 +34,7 @@ class DeviceRouting(NamedTuple):
     row_pair: torch.Tensor  # [TK] flat pair id (t·K + k) of each row, expert-major, stable; dropped pairs last
     pair_row: torch.Tensor  # [TK] row of each pair, -1 for dropped pairs (ids outside [0, E))
     offsets: torch.Tensor  # [E+1] expert e owns rows offsets[e]:offsets[e+1]
-    tile_expert: torch.Tensor  # [max_tiles] expert of each M-tile; DROPPED, or UNUSED past the last tile
+    tile_expert: torch.Tensor  # [max_tiles] expert of each M-tile; -2 over dropped pairs, -1 past the last tile
     tile_row: torch.Tensor  # [max_tiles] first row of each M-tile
 
 
@@ -91,8 +89,8 @@ def routing_scan_kernel(counts_ptr, before_ptr, bounds_ptr, tile_expert_ptr, til
         first_row = tl.sum(tl.where(mine, starts[None, :], 0), axis=1)
         first_tile = tl.sum(tl.where(mine, (tile_end - tiles)[None, :], 0), axis=1)
         used = bucket <= num_experts
-        expert = tl.where(bucket == num_experts, -2, bucket)  # DROPPED
-        tl.store(tile_expert_ptr + t, tl.where(used, expert, -1), mask=t < num_tiles)  # UNUSED
+        expert = tl.where(bucket == num_experts, -2, bucket)  # the dropped pairs' tiles
+        tl.store(tile_expert_ptr + t, tl.where(used, expert, -1), mask=t < num_tiles)  # past the last tile
         tl.store(tile_row_ptr + t, tl.where(used, first_row + (t - first_tile) * block_m, 0), mask=t < num_tiles)
 
 
