@@ -89,12 +89,18 @@ def transformers457() -> Path:
 
 @pytest.fixture(scope="session")
 def bnb():
-    """``bitsandbytes.functional`` 0.50.2 from a private folder, importable in this process only (tests/
-    private_packages.py says why it is not in the test environment)."""
+    """``bitsandbytes.functional`` 0.50.2: the installed one where it is importable (the GPU machine gets it as a
+    carried wheel), else from a private folder, importable in this process only (tests/private_packages.py says
+    why it is not in the test environment)."""
+    import importlib.util
     import sys
 
     import private_packages
 
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        import bitsandbytes.functional
+
+        return bitsandbytes.functional
     folder = _installed(lambda: private_packages.install("bitsandbytes-0.50.2", ["bitsandbytes==0.50.2"]))
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))

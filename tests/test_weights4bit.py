@@ -73,12 +73,22 @@ class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("nested", [False, True], ids=["absmax", "nested"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_experts_on_4bit_weights_match_the_reference_on_their_dequantized_weights(kernel, bnb, dtype, nested):
+@pytest.mark.parametrize("dtype, nested, tiles", [
+    (torch.float32, False, "in-block"), (torch.float32, True, "in-block"), (torch.float16, False, "in-block"),
+    (torch.float16, True, "in-block"), (torch.float16, True, "across-blocks"), (torch.float32, False, "across-blocks"),
+])
+def test_experts_on_4bit_weights_match_the_reference_on_their_dequantized_weights(kernel, bnb, dtype, nested, tiles):
     """Forward and the gradients of x, the routing weights and LoRA factors on frozen 4-bit experts (QLoRA):
-    the kernels dequantize every weight tile as they load it, and no op allocates anything of a weight's size."""
+    the kernels dequantize every weight tile as they load it, and no op allocates anything of a weight's size.
+    "in-block": the interpreter's 32-wide tiles lie inside one 64-element block (one scale per tile row or column);
+    "across-blocks": 128-wide tiles span two blocks (one scale per element), as some GPU configs do."""
+    import contextlib
+
     from test_kernels import TOL, _lora_factors, assert_close_rel
+
+    wide = kernel.tuning._config(128, 128 * dtype.itemsize // 2, 4, 1)  # BLOCK_K 128 for this dtype
+    forced = kernel.tuning.forced(gate_up=wide, grouped_gemm=wide, dgrad=wide) if tiles == "across-blocks" \
+        else contextlib.nullcontext()
 
     x, index, weights, dense, grad_out = _experts_problem(dtype, 30 + nested)
     quantized = []
@@ -90,7 +100,7 @@ def test_experts_on_4bit_weights_match_the_reference_on_their_dequantized_weight
     leaves = [t.to(DEVICE, dtype).requires_grad_() for t in (x, weights)]
     factors = _lora_factors(exact[0], exact[1], (4, 3), 31)
     lora = kernel.ExpertsLora(*factors, gate_up_scale=0.5, down_scale=2.0)
-    with _Allocations() as allocations:
+    with _Allocations() as allocations, forced:
         out = kernel.moe_experts(leaves[0], index.to(DEVICE), leaves[1], *quantized, lora=lora)
         grads = torch.autograd.grad(out, [*leaves, *factors], grad_out.to(DEVICE, dtype))
     assert allocations.largest < exact[1].numel()  # nothing the size of a weight: no dense copy

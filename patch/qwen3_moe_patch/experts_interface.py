@@ -15,13 +15,14 @@ instead of the materialised W + ΔW.
 
 from .kernel_source import KernelSource
 
-__all__ = ["IMPLEMENTATION_NAME", "register_experts_implementation"]
+__all__ = ["IMPLEMENTATION_NAME", "current_kernel", "register_experts_implementation"]
 
 IMPLEMENTATION_NAME = "qwen3_moe_fused"
 _state = {"source": None, "kernel": None}
 
 
-def _kernel():
+def current_kernel():
+    """The kernel package "qwen3_moe_fused" runs (loaded on first use from the last registration's source)."""
     if _state["kernel"] is None:
         source = _state["source"] or KernelSource.resolve()
         _state["kernel"] = source.load()
@@ -30,7 +31,7 @@ def _kernel():
 
 def qwen3_moe_fused_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """transformers experts-interface function: ``self`` is the experts module."""
-    return _kernel().layers.Qwen3MoeExperts.forward(self, hidden_states, top_k_index, top_k_weights)
+    return current_kernel().layers.Qwen3MoeExperts.forward(self, hidden_states, top_k_index, top_k_weights)
 
 
 def register_experts_implementation(*, source: KernelSource | None = None, **kernel_source) -> str:

@@ -60,6 +60,17 @@ def _localize(name, t):
     )
 
 
+def _unwrap_4bit(name, w):
+    """A ``Tensor4bit``'s storage (``Weight4bit``); other weights as they are."""
+    if not isinstance(w, weights4bit.Tensor4bit):
+        return w
+    if w.lora is not None:
+        raise ValueError(f"moe_experts got {name} as a 4-bit weight with a LoRA term folded in (PEFT's parametrized "
+                         "weight): pass the frozen weight and its factors as ``lora`` (the experts module's forward "
+                         "does)")
+    return w.weight4bit
+
+
 def _check_inputs(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, activation):
     if activation != "silu":
         raise ValueError(f"activation {activation!r} is not supported; Qwen3-MoE experts use 'silu' (SwiGLU)")
@@ -105,13 +116,15 @@ def moe_experts(
 
     hidden [T, H]; top_k_index [T, K] integer, local to the weights given (ids outside [0, E) are dropped: zero
     output and zero routing-weight gradient, transformers' expert-parallel sentinel contract); top_k_weights [T, K];
-    gate_up_proj [E, 2I, H] (gate rows first); down_proj [E, H, I]; either may be a ``Weight4bit`` (bitsandbytes'
-    4-bit storage, frozen), which the kernels dequantize tile by tile as they load it (the CPU reference path
+    gate_up_proj [E, 2I, H] (gate rows first); down_proj [E, H, I]; either may be a ``Weight4bit`` or a
+    ``Tensor4bit`` parameter holding one (bitsandbytes' 4-bit storage, frozen), which the kernels dequantize tile by tile as they load it (the CPU reference path
     dequantizes it whole). ``lora`` (``ExpertsLora``) makes each weight W + s·B·A without forming it (split
     LoRA: x·Aᵀ, then ·Bᵀ). Returns [T, H] in hidden's dtype.
     Differentiable w.r.t. hidden, top_k_weights, both weights and the LoRA factors. Replicated DTensors are used
     locally; sharded DTensors raise ``ValueError``.
     """
+    gate_up_proj, down_proj = (_unwrap_4bit(name, w) for name, w in (("gate_up_proj", gate_up_proj),
+                                                                        ("down_proj", down_proj)))
     hidden, top_k_index, top_k_weights, gate_up_proj, down_proj = (
         _localize(name, t) for name, t in (("hidden", hidden), ("top_k_index", top_k_index),
                                            ("top_k_weights", top_k_weights), ("gate_up_proj", gate_up_proj),

@@ -162,7 +162,7 @@ def _grouped_gemm(a, b, k_dim, n_dim, routing, block_m, gather_slots=0, lora=Non
             N=n, KA=a.shape[1], K_SLOTS=max(gather_slots, 1), NUM_ROWS=row_pair.numel(), stride_at=a.stride(0),
             stride_ak=a.stride(1), stride_be=b_strides[0], stride_bk=b_strides[k_dim], stride_bn=b_strides[n_dim],
             GATHER_A=gather_slots > 0, out_scale=1.0 if scale is None else float(scale), SCALE=scale is not None,
-            **lora_args, **b_args, BLOCK_M=block_m, **blocks, ACC=_acc(tl, a.dtype),
+            **lora_args, **b_args, W4_K_CONTIG=k_dim == 2, BLOCK_M=block_m, **blocks, ACC=_acc(tl, a.dtype),
             PRECISION=_PRECISION, **options,
         )
 

@@ -8,13 +8,22 @@ dtype. With nested statistics (``compress_statistics=True``) absmax is itself 8-
 exactly that (bit for bit what ``bitsandbytes.functional.dequantize_4bit`` gives, tested); the kernels read
 the same storage and compute the same values (``kernels/dequant4bit.py``). bitsandbytes is not needed here:
 ``from_bnb`` reads its tensors and ``QuantState`` as they are.
+
+``Tensor4bit`` holds a ``Weight4bit`` as a frozen parameter of a model: it has the dense weight's shape, dtype and
+device, so the experts module keeps its parameter names and PEFT's LoRA on parameters sees the weight's shape; the
+fused experts read its 4-bit storage; any other torch op gets the dequantized weight (a dense copy, said once).
 """
 
+import logging
 from typing import NamedTuple
 
 import torch
+from torch.utils._pytree import tree_map
 
-__all__ = ["Weight4bit", "dequantize", "from_bnb", "scales", "stacked"]
+__all__ = ["Tensor4bit", "Weight4bit", "dequantize", "from_bnb", "scales", "stacked"]
+
+_logger = logging.getLogger(__name__)
+_said = set()
 
 
 class Weight4bit(NamedTuple):
@@ -98,3 +107,113 @@ def stacked(weight: Weight4bit) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"4-bit experts need the weights' last dimension ({K}) even and a multiple of the block size "
                          f"({weight.blocksize}), so that each row holds whole bytes and blocks")
     return weight.packed.view(E, N, K // 2), weight.absmax.view(E, N, K // weight.blocksize)
+
+
+_FIELDS = ("packed", "absmax", "code", "absmax2", "code2", "offset")
+_aten = torch.ops.aten
+
+
+class Tensor4bit(torch.Tensor):
+    """A frozen stacked weight in 4-bit storage (``weight4bit``) standing in for the dense weight: its shape, dtype
+    and device are the dense weight's, so ``nn.Parameter(Tensor4bit(w), requires_grad=False)`` replaces a
+    parameter without changing its name, shape or dtype.
+
+    - ``moe_experts`` (the fused kernels) reads the 4-bit storage directly; nothing dense is formed.
+    - ``.to(device)`` / ``.to(dtype)`` move the storage or change the dtype it dequantizes to; detach, alias and
+      clone keep it 4-bit.
+    - ``W.baddbmm(lhs, rhs, alpha=s)`` (PEFT's single-adapter LoRA parametrization, which torch evaluates whenever
+      PEFT registers it) gives a ``Tensor4bit`` carrying ``W + s·lhs·rhs`` unevaluated (``lora``); the fused
+      experts use PEFT's factors themselves.
+    - Any other op computes on the dequantized weight (plus its LoRA term): correct, but a dense copy of the
+      weight, said once per op. In-place writes are refused: 4-bit weights are frozen.
+    """
+
+    weight4bit: Weight4bit
+    lora: tuple | None
+
+    @staticmethod
+    def __new__(cls, weight: Weight4bit, lora=None):
+        return torch.Tensor._make_wrapper_subclass(cls, weight.shape, dtype=weight.dtype, device=weight.device,
+                                                   requires_grad=False)
+
+    def __init__(self, weight: Weight4bit, lora=None):
+        self.weight4bit = weight
+        self.lora = lora
+
+    def __repr__(self, *, tensor_contents=None):
+        w = self.weight4bit
+        code = "nf4" if w.code.min() < -0.9 and w.code.max() > 0.99 and (w.code == 0).sum() == 1 else "fp4"
+        return (f"Tensor4bit(shape={tuple(w.shape)}, dtype={w.dtype}, device={w.device}, {code}, blocksize "
+                f"{w.blocksize}{', nested' if w.nested else ''}{', + LoRA' if self.lora else ''})")
+
+    def __tensor_flatten__(self):
+        w = self.weight4bit
+        names = [f for f in _FIELDS if getattr(w, f) is not None]
+        lora = None
+        if self.lora is not None:
+            names += ["lora_lhs", "lora_rhs"]
+            lora = self.lora[2]
+        return names, (w.shape, w.dtype, w.blocksize, w.blocksize2, lora)
+
+    def __getattr__(self, name):  # the flattened inner tensors by name (torch's subclass protocol)
+        if name.startswith("lora_") and name[5:] in ("lhs", "rhs"):
+            return self.lora[0 if name == "lora_lhs" else 1]
+        if name in _FIELDS:
+            return getattr(self.weight4bit, name)
+        raise AttributeError(name)
+
+    @staticmethod
+    def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
+        shape, dtype, blocksize, blocksize2, alpha = meta
+        weight = Weight4bit(inner["packed"], inner["absmax"], inner["code"], shape, dtype, blocksize,
+                            inner.get("absmax2"), inner.get("code2"), inner.get("offset"), blocksize2)
+        lora = (inner["lora_lhs"], inner["lora_rhs"], alpha) if "lora_lhs" in inner else None
+        return Tensor4bit(weight, lora)
+
+    def _map(self, fn, dtype=None):
+        """The same weight with ``fn`` applied to every tensor of its storage (and LoRA term)."""
+        w = self.weight4bit
+        moved = {f: fn(getattr(w, f)) for f in _FIELDS if getattr(w, f) is not None}
+        weight = w._replace(**moved, dtype=dtype or w.dtype)
+        lora = None if self.lora is None else (fn(self.lora[0]), fn(self.lora[1]), self.lora[2])
+        return Tensor4bit(weight, lora)
+
+    def dense(self) -> torch.Tensor:
+        """The weight it holds (plus its LoRA term), as a dense tensor: a full copy."""
+        from .functional import dequantize_4bit  # the kernel on CUDA, else the reference: the same bits
+
+        weight = dequantize_4bit(self.weight4bit)
+        if self.lora is not None:
+            lhs, rhs, alpha = self.lora
+            weight = torch.baddbmm(weight, lhs, rhs, alpha=alpha)
+        return weight
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self = args[0] if args else None
+        if func in (_aten.detach.default, _aten.alias.default):
+            return self._map(lambda t: t)
+        if func is _aten.clone.default:
+            return self._map(torch.clone)
+        if func is _aten._to_copy.default and isinstance(self, Tensor4bit):
+            dtype, device = kwargs.get("dtype"), kwargs.get("device")
+            if dtype is None or dtype.is_floating_point:
+                return self._map(lambda t: t if device is None else t.to(device, non_blocking=kwargs.get(
+                    "non_blocking", False)), dtype=dtype)
+        if func is _aten.set_.source_Tensor and args[1] is self:  # parametrize re-registering the same tensor
+            return self
+        if func is _aten.baddbmm.default and isinstance(self, Tensor4bit) and self.lora is None \
+                and kwargs.get("beta", 1) == 1 and not any(isinstance(a, Tensor4bit) for a in args[1:]):
+            alpha = kwargs.get("alpha", args[4] if len(args) > 4 else 1)
+            return Tensor4bit(self.weight4bit, (args[1], args[2], alpha))
+        if func._schema.is_mutable and any(isinstance(a, Tensor4bit) for a in args[:1]):
+            raise RuntimeError(f"{func.name()} would write into a 4-bit weight ({self!r}); 4-bit experts are frozen: "
+                               "train LoRA on them, or dequantize the model first (qwen3_moe_patch.dequantize_4bit)")
+        if func.name() not in _said:
+            _said.add(func.name())
+            _logger.warning("qwen3-moe-fused: %s on a 4-bit weight computes on its dequantized copy (a dense "
+                            "tensor of the weight's size); the fused experts read the 4-bit storage directly",
+                            func.name())
+        unwrap = lambda t: t.dense() if isinstance(t, Tensor4bit) else t  # noqa: E731
+        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))

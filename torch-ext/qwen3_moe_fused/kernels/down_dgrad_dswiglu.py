@@ -18,7 +18,7 @@ is loaded; no dense copy of it exists.
 import triton
 import triton.language as tl
 
-from .dequant4bit import load_4bit
+from .dequant4bit import load_4bit, tile_blocks
 from .lora import add_lora
 
 
@@ -62,10 +62,12 @@ def down_dgrad_dswiglu_kernel(
         k = k0 + ks
         k_mask = k < H
         a = tl.load(dout_rows + k[None, :] * stride_dh, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        if W4BIT:
+        if W4BIT:  # the output columns (I) are the contiguous dimension
+            block, block_mask = tile_blocks(w_at, expert.to(tl.int64) * stride_we + col_block * BLOCK_N * stride_wi,
+                                            k0, k, k_mask, col_mask, stride_wh, False, BLOCK_K, BLOCK_N, W4_BLOCK)
             b = load_4bit(w_ptr, wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr,
-                          w_at + k[:, None].to(tl.int64) * stride_wh, k_mask[:, None] & col_mask[None, :], W4_BLOCK,
-                          W4_NESTED, W4_BLOCK2).to(dout_ptr.dtype.element_ty)
+                          w_at + k[:, None].to(tl.int64) * stride_wh, k_mask[:, None] & col_mask[None, :], block,
+                          block_mask, W4_BLOCK, W4_NESTED, W4_BLOCK2).to(dout_ptr.dtype.element_ty)
         else:
             b = tl.load(w_cols + k[:, None].to(tl.int64) * stride_wh, mask=k_mask[:, None] & col_mask[None, :],
                         other=0.0)

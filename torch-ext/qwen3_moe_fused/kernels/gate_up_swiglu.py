@@ -14,7 +14,7 @@ is loaded; no dense copy of it exists.
 import triton
 import triton.language as tl
 
-from .dequant4bit import load_4bit
+from .dequant4bit import load_4bit, tile_blocks
 from .lora import add_lora
 
 
@@ -62,12 +62,16 @@ def gate_up_swiglu_kernel(
         k_mask = k < H
         a = tl.load(x_rows + k[None, :] * stride_xh, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w_mask = k_mask[:, None] & col_mask[None, :]
-        if W4BIT:
+        if W4BIT:  # the reduction dimension H is the contiguous one
             at = w_gate_at + k[:, None] * stride_wk
+            block, block_mask = tile_blocks(w_gate_at, 0, k0, k, k_mask, col_mask, stride_wk, True, BLOCK_K, BLOCK_N,
+                                            W4_BLOCK)
             b_gate = load_4bit(w_ptr, wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr, at,
-                               w_mask, W4_BLOCK, W4_NESTED, W4_BLOCK2).to(x_ptr.dtype.element_ty)
+                               w_mask, block, block_mask, W4_BLOCK, W4_NESTED, W4_BLOCK2).to(x_ptr.dtype.element_ty)
+            up_blocks = I * stride_wn // W4_BLOCK
             b_up = load_4bit(w_ptr, wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr,
-                             at + I * stride_wn, w_mask, W4_BLOCK, W4_NESTED, W4_BLOCK2).to(x_ptr.dtype.element_ty)
+                             at + I * stride_wn, w_mask, block + up_blocks, block_mask, W4_BLOCK, W4_NESTED,
+                             W4_BLOCK2).to(x_ptr.dtype.element_ty)
         else:
             b_gate = tl.load(w_gate + k[:, None] * stride_wk, mask=w_mask, other=0.0)
             b_up = tl.load(w_up + k[:, None] * stride_wk, mask=w_mask, other=0.0)

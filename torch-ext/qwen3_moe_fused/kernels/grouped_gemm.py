@@ -13,7 +13,7 @@ dropped pairs (tiles with expert -2) get zeros, so c is defined everywhere.
 import triton
 import triton.language as tl
 
-from .dequant4bit import load_4bit
+from .dequant4bit import load_4bit, tile_blocks
 from .lora import add_lora
 
 
@@ -28,6 +28,7 @@ def grouped_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     W4BIT: tl.constexpr, W4_NESTED: tl.constexpr, W4_BLOCK: tl.constexpr, W4_BLOCK2: tl.constexpr,
+    W4_K_CONTIG: tl.constexpr,
 ):
     # one program per (M-tile, column block), column blocks fastest: the programs that run together
     # share their rows of the A operand (and one expert's weights) in L2
@@ -61,9 +62,12 @@ def grouped_gemm_kernel(
         k_mask = k < KA
         a = tl.load(a_rows + k[None, :] * stride_ak, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if W4BIT:
+            block, block_mask = tile_blocks(b_at, expert.to(tl.int64) * stride_be + col_block * BLOCK_N * stride_bn,
+                                            k0, k, k_mask, col_mask, stride_bk, W4_K_CONTIG, BLOCK_K, BLOCK_N,
+                                            W4_BLOCK)
             b = load_4bit(b_ptr, wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr,
-                          b_at + k[:, None] * stride_bk, k_mask[:, None] & col_mask[None, :], W4_BLOCK, W4_NESTED,
-                          W4_BLOCK2).to(a_ptr.dtype.element_ty)
+                          b_at + k[:, None] * stride_bk, k_mask[:, None] & col_mask[None, :], block, block_mask,
+                          W4_BLOCK, W4_NESTED, W4_BLOCK2).to(a_ptr.dtype.element_ty)
         else:
             b = tl.load(b_cols + k[:, None] * stride_bk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)

@@ -1,0 +1,150 @@
+"""QLoRA on Qwen3-MoE: the stacked experts in 4-bit (bitsandbytes' NF4/FP4 storage, read by the fused kernels),
+the other linear layers as bitsandbytes ``Linear4bit``, quantized one module at a time.
+
+    quantize_4bit(model, quantization_config)   in place: every experts weight becomes a frozen ``Tensor4bit``
+                                                (same name, shape and dtype; bitsandbytes' ``quantize_4bit`` of
+                                                it), every ``nn.Linear`` but the skipped ones a ``Linear4bit``
+    dequantize_4bit(model)                      in place, back to dense experts weights (for a dense
+                                                checkpoint, merging adapters, or the stock experts paths)
+
+transformers' bitsandbytes integration replaces only ``nn.Linear`` modules, so with ``BitsAndBytesConfig(
+load_in_4bit=True)`` the stacked experts (29.0 of Qwen3-30B-A3B's 30.5 B parameters) stay dense; this fills that
+gap with the same settings (``bnb_4bit_quant_type``, ``bnb_4bit_use_double_quant``, ``llm_int8_skip_modules``,
+block size 64 as transformers uses). Each weight is moved to ``device`` and quantized there on its own, so the
+GPU never holds more than one dense weight: a model built on the meta device or on the CPU can be quantized
+piece by piece (``presets.make_quantized_model`` does that for the random-weight presets). Then PEFT LoRA and
+``patch_qwen3_moe`` work as on the dense model; the fused kernels dequantize each 4-bit tile as they load it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["dequantize_4bit", "quantize_4bit"]
+
+logger = logging.getLogger("qwen3_moe_patch")
+
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+BLOCKSIZE = 64  # transformers' Linear4bit block size (bitsandbytes' default)
+
+
+def _settings(quantization_config):
+    """(quant_type, nested, compute dtype, modules to skip) of a BitsAndBytesConfig (None: NF4, nested)."""
+    import torch
+
+    if quantization_config is None:
+        return "nf4", True, None, ["lm_head"]
+    if not getattr(quantization_config, "load_in_4bit", False):
+        raise ValueError("quantize_4bit takes a BitsAndBytesConfig(load_in_4bit=True, ...); 8-bit experts are not "
+                         "supported")
+    storage = getattr(quantization_config, "bnb_4bit_quant_storage", torch.uint8)
+    if isinstance(storage, str):
+        storage = getattr(torch, storage)
+    if storage != torch.uint8:
+        raise ValueError(f"bnb_4bit_quant_storage={storage} is not supported for the experts: the fused kernels read "
+                         "bitsandbytes' uint8 storage (leave it at its default, torch.uint8)")
+    compute = quantization_config.bnb_4bit_compute_dtype
+    skip = list(quantization_config.llm_int8_skip_modules or ["lm_head"])
+    return quantization_config.bnb_4bit_quant_type, bool(quantization_config.bnb_4bit_use_double_quant), compute, skip
+
+
+def _bnb():
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        raise ImportError(f"4-bit experts need bitsandbytes ({err}): pip install 'qwen3-moe-fused-patch[qlora]' "
+                          "(bitsandbytes 0.50)") from err
+    return bitsandbytes
+
+
+def _experts_modules(model):
+    from .patch import base_experts, find_moe_blocks
+
+    return [(name, base_experts(block)) for name, block in find_moe_blocks(model)]
+
+
+def _check_not_adapted(model):
+    from torch.nn.utils import parametrize
+
+    for name, experts in _experts_modules(model):
+        if experts is not None and any(parametrize.is_parametrized(experts, w) for w in EXPERT_WEIGHTS):
+            raise ValueError(f"{name}.experts is parametrized (a LoRA forward in progress?): quantize the model "
+                             "before adding adapters")
+    if any("lora_" in name for name, _ in model.named_parameters()):
+        raise ValueError("the model already has LoRA adapters: quantize the base model first, then add them "
+                         "(as QLoRA does), so that the adapters stay in the compute dtype")
+
+
+def quantize_4bit(model: nn.Module, quantization_config=None, *, device=None) -> nn.Module:
+    """Quantize ``model`` in place (see the module docstring) on ``device`` (default: CUDA if available, else the
+    weights' own device) and return it. Weights already in 4-bit are left as they are; the dense ones are freed
+    as soon as their 4-bit form exists."""
+    import torch
+    from torch import nn
+
+    from .experts_interface import current_kernel
+
+    bnb = _bnb()
+    quant_type, nested, compute_dtype, skip = _settings(quantization_config)
+    _check_not_adapted(model)
+    kernel = current_kernel()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else None
+    todo = [(experts, weight_name) for _, experts in _experts_modules(model) for weight_name in EXPERT_WEIGHTS
+            if not isinstance(getattr(experts, weight_name), kernel.Tensor4bit)]
+    for experts, weight_name in todo:  # checked before anything changes
+        shape = tuple(getattr(experts, weight_name).shape)
+        if shape[-1] % BLOCKSIZE:
+            raise ValueError(f"experts weight {weight_name} {shape}: 4-bit experts need its last dimension a "
+                             f"multiple of {BLOCKSIZE} (every row holds whole blocks); this model cannot be quantized")
+    experts_count = linear_count = 0
+    for experts, weight_name in todo:
+        weight = getattr(experts, weight_name)
+        dense = weight.detach().to(device or weight.device)
+        packed, state = bnb.functional.quantize_4bit(dense, blocksize=BLOCKSIZE, compress_statistics=nested,
+                                                     quant_type=quant_type, quant_storage=torch.uint8)
+        del dense, weight
+        stored = kernel.Tensor4bit(kernel.weights4bit.from_bnb(packed, state))
+        setattr(experts, weight_name, nn.Parameter(stored, requires_grad=False))
+        experts_count += 1
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or any(name == s or name.endswith(f".{s}") for s in skip):
+            continue
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        new = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                compute_dtype=compute_dtype or module.weight.dtype, compress_statistics=nested,
+                                quant_type=quant_type, quant_storage=torch.uint8, device="meta")
+        target = device or module.weight.device
+        new.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, compress_statistics=nested,
+                                       quant_type=quant_type, blocksize=BLOCKSIZE, quant_storage=torch.uint8,
+                                       module=new).to(target)
+        if module.bias is not None:
+            new.bias = nn.Parameter(module.bias.data.to(target), requires_grad=module.bias.requires_grad)
+        new.train(module.training)
+        setattr(parent, name.rpartition(".")[2], new)
+        linear_count += 1
+    if experts_count == 0 and linear_count == 0:
+        logger.warning("qwen3-moe-fused: quantize_4bit found nothing to quantize in %s", type(model).__name__)
+    return model
+
+
+def dequantize_4bit(model: nn.Module) -> nn.Module:
+    """Make every 4-bit experts weight of ``model`` dense again, in place (its dtype, its device; bit for bit
+    bitsandbytes' ``dequantize_4bit``). ``Linear4bit`` layers are bitsandbytes' own and stay as they are."""
+    from torch import nn
+
+    from .experts_interface import current_kernel
+
+    kernel = current_kernel()
+    _check_not_adapted(model)
+    for _, experts in _experts_modules(model):
+        for weight_name in EXPERT_WEIGHTS:
+            weight = getattr(experts, weight_name)
+            if isinstance(weight, kernel.Tensor4bit):
+                setattr(experts, weight_name, nn.Parameter(kernel.dequantize_4bit(weight.weight4bit),
+                                                           requires_grad=False))
+    return model

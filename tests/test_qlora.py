@@ -1,0 +1,211 @@
+"""QLoRA on a tiny Qwen3-MoE: experts in 4-bit (``Tensor4bit``, read by the fused kernels: Triton's interpreter on
+CPU), the linear layers as bitsandbytes ``Linear4bit``, stock PEFT LoRA on both; compared with stock PEFT on the
+dense model whose weights are the dequantized ones (what the 4-bit model holds), so only the storage differs."""
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from qwen3_moe_patch import dequantize_4bit, patch_qwen3_moe, quantize_4bit
+from qwen3_moe_patch.presets import make_model
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+TOL = dict(rtol=2e-4, atol=2e-5)  # float32 through the interpreter vs eager float32 on the same values
+DENSE_COPY = "computes on its dequantized copy"
+
+
+@pytest.fixture
+def bnb_peft(bnb):
+    """bitsandbytes importable, and PEFT told so (it caches whether it is installed)."""
+    import bitsandbytes
+    from peft import import_utils
+
+    import_utils.is_bnb_available.cache_clear()
+    import_utils.is_bnb_4bit_available.cache_clear()
+    return bitsandbytes
+
+
+def _ids(seed, shape=(2, 11)):
+    return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed))  # the tiny vocabulary
+
+
+def _config(quant_type="nf4", nested=True):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=nested,
+                              bnb_4bit_compute_dtype=torch.float32)
+
+
+def _models(kernel, bnb, seed=0, quant_type="nf4", nested=True):
+    """(4-bit model, dense model holding exactly its dequantized weights, the original dense model)."""
+    dense = make_model(seed=seed, moe_intermediate_size=64).to(DEVICE)  # rows of whole 64-element blocks
+    quantized = quantize_4bit(copy.deepcopy(dense), _config(quant_type, nested), device=DEVICE)
+    equal = copy.deepcopy(dense)
+    for (name, p), (_, q) in zip(equal.named_parameters(), quantized.named_parameters()):
+        with torch.no_grad():
+            if isinstance(q, kernel.Tensor4bit):
+                p.copy_(kernel.weights4bit.dequantize(q.weight4bit))
+            elif isinstance(q, bnb.nn.Params4bit):
+                p.copy_(bnb.functional.dequantize_4bit(q.data, q.quant_state))
+    return quantized, equal, dense
+
+
+def test_quantize_4bit_keeps_names_and_shapes_and_the_kernels_read_the_4bit_weights(kernel, bnb_peft, caplog):
+    quantized, equal, dense = _models(kernel, bnb_peft)
+    names = dict(dense.named_parameters())
+    got = dict(quantized.named_parameters())
+    assert got.keys() == names.keys()
+    experts = [n for n in got if n.endswith(tuple(EXPERTS))]
+    assert len(experts) == 2 * dense.config.num_hidden_layers
+    for name in experts:
+        assert type(got[name]).__name__ == "Tensor4bit" and got[name].shape == names[name].shape
+        assert got[name].dtype == names[name].dtype and not got[name].requires_grad
+    assert isinstance(quantized.model.layers[0].self_attn.q_proj, bnb_peft.nn.Linear4bit)
+    assert type(quantized.lm_head) is torch.nn.Linear  # skipped, as transformers skips it
+    patch_qwen3_moe(quantized, kernel=kernel)
+    ids = _ids(0)
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        logits = quantized(input_ids=ids.to(DEVICE)).logits
+        want = equal(input_ids=ids.to(DEVICE)).logits
+    torch.testing.assert_close(logits, want, **TOL)
+    assert not (logits - dense(input_ids=ids.to(DEVICE)).logits).abs().max().item() < 1e-6  # 4-bit is not exact
+    assert DENSE_COPY not in caplog.text
+
+
+def _lora(model, seed):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=ATTENTION, target_parameters=EXPERTS)
+    model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # LoRA B starts at zero: give every factor values, the same for the same seed
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """The largest floating tensor any torch op of the block creates (``Tensor4bit`` results hold no dense data:
+    PEFT's parametrization makes one per forward, carrying the LoRA factors)."""
+
+    def __init__(self, kernel):
+        super().__init__()
+        self.largest, self.op, self.kernel = 0, None, kernel
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and not isinstance(t, self.kernel.Tensor4bit) and t.is_floating_point() \
+                    and t.numel() > self.largest:
+                self.largest, self.op = t.numel(), func.name()
+        return out
+
+
+def _step(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_qlora_trains_like_stock_peft_on_the_dequantized_weights_without_a_dense_expert_weight(kernel, bnb_peft,
+                                                                                               caplog):
+    """Loss and every LoRA gradient (experts and attention) of PEFT on the 4-bit model through the fused kernels
+    equal stock PEFT's on the dense model with the same (dequantized) weights; no op forms anything the size of
+    an experts weight (PEFT's LoRA parametrization included)."""
+    quantized, equal, _ = _models(kernel, bnb_peft, seed=1, quant_type="fp4", nested=False)
+    qlora, stock = _lora(quantized, 2), _lora(equal, 2)
+    patch_qwen3_moe(qlora, kernel=kernel)
+    ids = _ids(1).to(DEVICE)
+    experts_numel = min(p.numel() for n, p in qlora.named_parameters() if n.endswith(("gate_up_proj", "down_proj")))
+    with caplog.at_level(logging.WARNING), _Allocations(kernel) as allocations:
+        loss, grads = _step(qlora, ids)
+    want_loss, want_grads = _step(stock, ids)
+    assert allocations.largest < experts_numel, allocations.op
+    assert DENSE_COPY not in caplog.text
+    torch.testing.assert_close(loss, want_loss, **TOL)
+    assert grads.keys() == want_grads.keys()
+    assert any("experts" in n for n in grads) and any("q_proj" in n for n in grads)
+    for name, g in grads.items():
+        assert g is not None and g.abs().max() > 0, name
+        torch.testing.assert_close(g, want_grads[name], **TOL, msg=name)
+
+
+def test_adapter_trained_in_4bit_loads_on_the_dense_model(kernel, bnb_peft, tmp_path):
+    """Adapters trained on the 4-bit model are stock PEFT adapters: on the dense model they give the 4-bit model's
+    logits up to the quantization error (the same gap the base models have)."""
+    from peft import PeftModel
+
+    quantized, _, dense = _models(kernel, bnb_peft, seed=3)
+    qlora = _lora(quantized, 4)
+    patch_qwen3_moe(qlora, kernel=kernel)
+    optimizer = torch.optim.AdamW([p for p in qlora.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(2):
+        loss, _ = _step(qlora, _ids(10 + step).to(DEVICE))
+        optimizer.step()
+    qlora.save_pretrained(tmp_path)
+    ids = _ids(20).to(DEVICE)
+    with torch.no_grad():
+        logits_4bit = qlora(input_ids=ids).logits
+        with qlora.disable_adapter():
+            base_4bit = qlora(input_ids=ids).logits
+        base_dense = dense(input_ids=ids).logits
+        loaded = PeftModel.from_pretrained(dense, tmp_path)
+        logits_dense = loaded(input_ids=ids).logits
+    base_gap = (base_4bit - base_dense).abs().max().item()
+    gap = (logits_4bit - logits_dense).abs().max().item()
+    effect = (logits_dense - base_dense).abs().max().item()
+    assert gap < 2 * base_gap + 1e-5, (gap, base_gap)
+    assert effect > 10 * gap, (effect, gap)  # the adapter was loaded and matters
+
+
+def test_tensor4bit_moves_keeps_its_storage_and_refuses_writes(kernel, bnb, caplog):
+    w = torch.randn(2, 8, 64, dtype=torch.float32) * 0.1
+    stored = kernel.Tensor4bit(kernel.weights4bit.from_bnb(*bnb.quantize_4bit(w.to(DEVICE), quant_type="nf4")))
+    exact = kernel.weights4bit.dequantize(stored.weight4bit)
+    param = torch.nn.Parameter(stored, requires_grad=False)
+    for same in (param.detach(), param.clone(), param.to(DEVICE)):
+        assert type(same) is type(stored) and same.weight4bit.packed.data_ptr() == stored.weight4bit.packed.data_ptr() \
+            or torch.equal(same.weight4bit.packed, stored.weight4bit.packed)
+    half = param.to(torch.float16)
+    assert type(half) is type(stored) and half.dtype == torch.float16 and half.weight4bit.packed is stored.weight4bit.packed
+    with pytest.raises(RuntimeError, match="frozen"):
+        with torch.no_grad():
+            param.add_(1.0)
+    lhs, rhs = torch.randn(2, 8, 3, device=DEVICE), torch.randn(2, 3, 64, device=DEVICE)
+    lazy = torch.baddbmm(param, lhs, rhs, alpha=0.5)  # PEFT's LoRA parametrization: nothing computed
+    assert type(lazy) is type(stored) and lazy.lora is not None
+    with caplog.at_level(logging.WARNING):
+        total = lazy.sum()  # any other op: on the dense values, said once
+    assert DENSE_COPY in caplog.text
+    torch.testing.assert_close(total, torch.baddbmm(exact, lhs, rhs, alpha=0.5).sum(), rtol=1e-5, atol=1e-4)
+    assert "Tensor4bit(shape=(2, 8, 64)" in repr(param)
+
+
+def test_dequantize_4bit_gives_dense_experts_back(kernel, bnb_peft):
+    quantized, equal, _ = _models(kernel, bnb_peft, seed=5)
+    dequantize_4bit(quantized)
+    for (name, p), (_, q) in zip(equal.named_parameters(), quantized.named_parameters()):
+        if name.endswith(tuple(EXPERTS)):
+            assert type(q) is torch.nn.Parameter and torch.equal(p, q), name
+
+
+def test_quantize_4bit_refuses_what_it_cannot_hold(kernel, bnb_peft):
+    from transformers import BitsAndBytesConfig
+
+    model = make_model(seed=6, moe_intermediate_size=64)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="quant_storage"):
+        quantize_4bit(model, BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_storage=torch.bfloat16))
+    with pytest.raises(ValueError, match="load_in_4bit"):
+        quantize_4bit(model, BitsAndBytesConfig(load_in_8bit=True))
+    with pytest.raises(ValueError, match="quantize the base model first"):
+        quantize_4bit(_lora(copy.deepcopy(model), 7), _config())
+    with pytest.raises(ValueError, match="multiple of 64"):
+        quantize_4bit(make_model(seed=6), _config())  # the tiny preset's experts: rows of 32
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # nothing changed
