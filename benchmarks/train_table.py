@@ -18,14 +18,22 @@ from qwen3_moe_patch.train import window_means
 
 
 def _setup_key(setup, dtype=None):
-    return (setup.get("preset"), setup.get("model"), setup["lora_r"], setup["gradient_checkpointing"], setup["batch"],
-            setup["seq"], dtype or setup["dtype"], setup["seed"])
+    return (setup.get("preset"), setup.get("model"), setup.get("layers"), setup["lora_r"], setup["gradient_checkpointing"],
+            setup["batch"], setup["seq"], dtype or setup["dtype"], setup["seed"], setup.get("qlora", False),
+            setup.get("lora_dtype", "float32"), setup.get("optim", "adamw"), setup.get("memory_cap_gib", 0))
 
 
 def _label(setup):
     kind = f"LoRA r{setup['lora_r']}" if setup["lora_r"] else "full fine-tune"
+    if setup.get("qlora"):
+        kind = f"QLoRA (NF4) r{setup['lora_r']}"
     gc = ", gradient checkpointing" if setup["gradient_checkpointing"] else ""
-    return f"{setup.get('model') or setup['preset']}, {kind}{gc}, {setup['batch']}x{setup['seq']} tokens/step, {setup['dtype']}"
+    extra = "".join([f", LoRA in {setup['lora_dtype']}" if setup.get("lora_dtype", "float32") != "float32" else "",
+                     ", 8-bit AdamW" if setup.get("optim") == "adamw8bit" else "",
+                     f", {setup['layers']} layers" if setup.get("layers") else "",
+                     f", capped at {setup['memory_cap_gib']:g} GiB" if setup.get("memory_cap_gib") else ""])
+    return (f"{setup.get('model') or setup['preset']}, {kind}{gc}, {setup['batch']}x{setup['seq']} tokens/step, "
+            f"{setup['dtype']}{extra}")
 
 
 def _gaps(losses, base, window=20):

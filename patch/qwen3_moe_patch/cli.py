@@ -194,6 +194,13 @@ def _train_command(args) -> int:
     if scale and "RANK" not in os.environ:
         raise ValueError(f"{scale} needs several processes: launch with torchrun --nproc_per_node N -m "
                          "qwen3_moe_patch.cli train ...")
+    if args.memory_cap_gib:
+        if not args.device.startswith("cuda"):
+            raise ValueError("--memory-cap-gib caps CUDA memory: add --device cuda, or drop it")
+        import torch
+
+        total = torch.cuda.get_device_properties(torch.device(args.device)).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), torch.device(args.device))
     rank = 0
     if scale:
         from .parallel import init_process_group
@@ -213,13 +220,18 @@ def _train_command(args) -> int:
             gradient_checkpointing=args.gradient_checkpointing, device=args.device, dtype=args.dtype, lr=args.lr,
             kernel=kernel, log_every=args.log_every if rank == 0 else 0,
             show_progress=not args.no_progress and sys.stderr.isatty(),
-            fsdp=args.fsdp, ep=args.ep, zero3=args.zero3,
+            fsdp=args.fsdp, ep=args.ep, zero3=args.zero3, qlora=args.qlora, piecewise=args.piecewise,
+            lora_dtype=args.lora_dtype, optim=args.optim,
             config_overrides={"num_hidden_layers": args.layers} if args.layers is not None else None)
     engine = f", EP {args.ep} + FSDP2" if args.ep else (
         ", FSDP2" if args.fsdp else (", DeepSpeed ZeRO-3" if args.zero3 else ""))
+    tuning = "".join([", 4-bit NF4 base (QLoRA)" if args.qlora else "",
+                      f", LoRA in {args.lora_dtype}" if args.lora_r and args.lora_dtype != "float32" else "",
+                      ", 8-bit AdamW" if args.optim == "adamw8bit" else "",
+                      f", capped at {args.memory_cap_gib:g} GiB" if args.memory_cap_gib else ""])
     what = (f"{args.model or args.preset}, {'LoRA r' + str(args.lora_r) if args.lora_r else 'full fine-tune'}, "
             f"{args.batch}x{args.seq} tokens/step{' per rank' if engine else ''}, {args.steps} steps, {args.dtype} on "
-            f"{args.device}{engine}{', gradient checkpointing' if args.gradient_checkpointing else ''}")
+            f"{args.device}{engine}{', gradient checkpointing' if args.gradient_checkpointing else ''}{tuning}")
     every = train.gather_ranks(results)
     ranks = train.per_rank_table(results, every)
     if scale:
@@ -297,6 +309,7 @@ def main(argv=None) -> int:
     """Entry point: every failure is one line on stderr (what is wrong, what to do) and exit status 2;
     ``--debug`` shows the traceback instead."""
     from .train import IMPLS as train_impls
+    from .train import OPTIMIZERS as train_optimizers
 
     formatter = _HelpFormatter
     parser = argparse.ArgumentParser(prog="qwen3-moe-fused", description=__doc__.splitlines()[0],
@@ -347,6 +360,17 @@ def main(argv=None) -> int:
                        help="transformers expert parallelism over N ranks, FSDP over all (launch with torchrun)")
     scale.add_argument("--zero3", action="store_true", help="DeepSpeed ZeRO-3 (launch with torchrun)")
     tr.add_argument("--layers", type=_positive, help="decoder layers of the preset (default: the preset's)")
+    tr.add_argument("--qlora", action="store_true",
+                    help="QLoRA: decoder layers in 4-bit NF4 (experts read by the fused kernels, linear layers as "
+                         "bitsandbytes Linear4bit), built layer by layer; needs --lora-r and bitsandbytes")
+    tr.add_argument("--piecewise", action="store_true",
+                    help="build the dense preset layer by layer on the device (the weights --qlora quantizes)")
+    tr.add_argument("--lora-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="adapters' dtype (PEFT's default float32; bfloat16 halves their memory)")
+    tr.add_argument("--optim", default="adamw", choices=train_optimizers,
+                    help="adamw: torch's (fused on CUDA); adamw8bit: bitsandbytes' 8-bit AdamW")
+    tr.add_argument("--memory-cap-gib", type=float, default=0,
+                    help="cap this process's CUDA memory (torch.cuda.set_per_process_memory_fraction), e.g. 22")
     conv = sub.add_parser("convert", formatter_class=formatter, help="experts' checkpoint or LoRA adapter: per-expert <-> stacked, losslessly")
     conv.add_argument("src", help="checkpoint folder (safetensors) or PEFT adapter folder")
     conv.add_argument("dst", help="output folder (new or without weights)")

@@ -4,7 +4,7 @@ Qwen3-30B-A3B architecture (48 layers, its 151,936-token vocabulary: 30.5 B para
 
 import copy
 
-__all__ = ["PRESETS", "make_config", "make_model"]
+__all__ = ["PRESETS", "make_config", "make_model", "make_model_piecewise"]
 
 PRESETS = {
     # 4 layers, 8 experts, top-2: ~280k parameters, fast on a CPU.
@@ -42,3 +42,36 @@ def make_model(preset: str = "tiny", seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     return Qwen3MoeForCausalLM(copy.deepcopy(make_config(preset, **overrides)))
+
+
+def make_model_piecewise(preset: str = "tiny", seed: int = 0, *, device="cuda", dtype="bfloat16",
+                         quantization_config=None, **overrides):
+    """A freshly initialised ``Qwen3MoeForCausalLM`` built one piece at a time on ``device`` in ``dtype``: the
+    embedding, each decoder layer, the final norm and the head are materialised from the meta device,
+    initialised (transformers' own ``_init_weights``; seed + piece) and, with a ``BitsAndBytesConfig``, each
+    decoder layer is quantized (``quantize.quantize_4bit``; embedding, norm and head stay dense, as transformers
+    leaves them) before the next piece exists. So the full 30B architecture in 4-bit never needs
+    its 61 GB dense form anywhere. Same weights for the same seed, quantized or not (then quantized)."""
+    import torch
+    from transformers import Qwen3MoeForCausalLM
+
+    from .quantize import quantize_4bit
+
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    config = copy.deepcopy(make_config(preset, **overrides))
+    config.dtype = dtype
+    with torch.device("meta"):
+        model = Qwen3MoeForCausalLM(config)
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=config).to(device)  # its buffers are computed, not initialised
+    pieces = [model.model.embed_tokens, *model.model.layers, model.model.norm, model.lm_head]
+    for index, piece in enumerate(pieces):
+        piece.to_empty(device=device)
+        piece.to(dtype)
+        torch.manual_seed(seed * 1000 + index)
+        with torch.no_grad():
+            for module in piece.modules():
+                model._init_weights(module)
+        if quantization_config is not None and 0 < index <= len(model.model.layers):  # the decoder layers
+            quantize_4bit(piece, quantization_config, device=device)
+    return model

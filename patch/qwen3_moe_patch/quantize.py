@@ -112,7 +112,7 @@ def quantize_4bit(model: nn.Module, quantization_config=None, *, device=None) ->
         setattr(experts, weight_name, nn.Parameter(stored, requires_grad=False))
         experts_count += 1
     for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or any(name == s or name.endswith(f".{s}") for s in skip):
+        if not name or type(module) is not nn.Linear or any(name == s or name.endswith(f".{s}") for s in skip):
             continue
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
         new = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,

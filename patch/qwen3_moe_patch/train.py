@@ -91,6 +91,7 @@ class RunResult:
     step_seconds: list
     tokens_per_step: int
     peak_mib: float  # peak CUDA memory allocated over the run (0 on CPU)
+    memory_mib: dict | None = None  # what the resident tensors are, after the first step (``memory_breakdown``)
 
     def tokens_per_second(self, skip: int = 2) -> float:
         """Steady-state throughput: the first ``skip`` steps (compilation, autotuning) are left out."""
@@ -129,12 +130,26 @@ def preset_checkpoint(preset, seed, config_overrides, dtype):
     return path
 
 
+def qlora_config(dtype="bfloat16"):
+    """QLoRA's quantization (NF4, nested scales; compute in the model's dtype) as a transformers BitsAndBytesConfig."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=getattr(torch, dtype))
+
+
 def build_model(impl, *, preset="tiny", model_path=None, lora_r=0, gradient_checkpointing=False, device="cpu",
-                dtype="float32", seed=0, kernel=None, config_overrides=None, fsdp=False, ep=0):
+                dtype="float32", seed=0, kernel=None, config_overrides=None, fsdp=False, ep=0, qlora=False,
+                piecewise=False, lora_dtype="float32"):
     """The model for one run: same initial weights for the same seed, whatever the implementation.
     ``config_overrides`` change the preset's config (e.g. num_hidden_layers). Under torchrun: ``fsdp`` wraps each
     decoder layer and the root in FSDP2; ``ep`` loads with transformers' expert parallelism over ``ep`` ranks and
-    FSDP over all of them (``DistributedConfig(fsdp_size=world, ep_size=ep)``)."""
+    FSDP over all of them (``DistributedConfig(fsdp_size=world, ep_size=ep)``). ``qlora``: the decoder layers in
+    4-bit (``qlora_config``; experts as ``Tensor4bit``, linear layers as bitsandbytes Linear4bit), built layer by
+    layer on the device (``presets.make_model_piecewise``; a ``model_path`` checkpoint is loaded on the CPU and
+    quantized weight by weight onto the device); ``piecewise`` builds the dense preset the same way (the same
+    weights as the 4-bit run before quantization). ``lora_dtype``: the adapters' dtype (PEFT's default: float32)."""
     import torch
 
     from .presets import make_model
@@ -147,9 +162,19 @@ def build_model(impl, *, preset="tiny", model_path=None, lora_r=0, gradient_chec
         raise ValueError(f"unknown implementation {impl!r}; choose from {', '.join(IMPLS)}")
     if (fsdp or ep) and not _distributed():
         raise ValueError("--fsdp and --ep need several processes: launch with torchrun --nproc_per_node N")
+    if qlora and not lora_r:
+        raise ValueError("--qlora trains LoRA adapters on the 4-bit model: give --lora-r (e.g. 16)")
+    if qlora and (fsdp or ep):
+        raise ValueError("--qlora runs on one GPU: drop --fsdp / --ep")
     if ep and not model_path:
         model_path = preset_checkpoint(preset, seed, config_overrides, dtype)
-    if model_path:
+    if (qlora or piecewise) and not model_path:
+        from .presets import make_model_piecewise
+
+        model = make_model_piecewise(preset, seed=seed, device=device, dtype=dtype,
+                                     quantization_config=qlora_config(dtype) if qlora else None,
+                                     experts_implementation=experts_impl, **(config_overrides or {}))
+    elif model_path:
         from transformers import AutoModelForCausalLM
 
         load = dict(dtype=getattr(torch, dtype), experts_implementation=experts_impl)
@@ -160,12 +185,18 @@ def build_model(impl, *, preset="tiny", model_path=None, lora_r=0, gradient_chec
 
             load["distributed_config"] = distributed_config(fsdp_size=dist.get_world_size(), ep_size=ep)
         model = AutoModelForCausalLM.from_pretrained(model_path, **load)
+        if qlora:
+            from .quantize import quantize_4bit
+
+            quantize_4bit(model, qlora_config(dtype), device=device)
     else:
         with torch.device(device):  # initialise on the device: seconds instead of minutes for billions of weights
             model = make_model(preset, seed=seed, experts_implementation=experts_impl, **(config_overrides or {}))
     model.config.use_cache = False
-    if not ep:
+    if not ep and not qlora:
         model = model.to(device, getattr(torch, dtype))
+    elif qlora:
+        model = model.to(device)  # the 4-bit weights keep their storage; dense ones are already in dtype
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora_r:
@@ -174,7 +205,7 @@ def build_model(impl, *, preset="tiny", model_path=None, lora_r=0, gradient_chec
         torch.manual_seed(seed + 1)  # LoRA A initialisation
         config = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-        model = get_peft_model(model, config)
+        model = get_peft_model(model, config, autocast_adapter_dtype=lora_dtype == "float32")
         if gradient_checkpointing:
             model.enable_input_require_grads()
     if fsdp and not ep:
@@ -188,23 +219,65 @@ def build_model(impl, *, preset="tiny", model_path=None, lora_r=0, gradient_chec
     return model
 
 
-def make_optimizer(model, *, lr=1e-4, device="cpu"):
-    """AdamW over the trainable parameters, fused on CUDA as transformers' Trainer does by default
-    (``optim="adamw_torch_fused"``)."""
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def make_optimizer(model, *, lr=1e-4, device="cpu", optim="adamw"):
+    """AdamW over the trainable parameters: torch's, fused on CUDA as transformers' Trainer does by default
+    (``optim="adamw_torch_fused"``), or bitsandbytes' 8-bit AdamW (``adamw8bit``, Trainer's ``adamw_bnb_8bit``:
+    QLoRA's memory-lean choice)."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
+    if optim == "adamw8bit":
+        from .quantize import _bnb
+
+        return _bnb().optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
+    if optim != "adamw":
+        raise ValueError(f"unknown optimizer {optim!r}; choose from {', '.join(OPTIMIZERS)}")
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=torch.device(device).type == "cuda")
 
 
+def memory_breakdown(model, optimizer) -> dict:
+    """MiB held by: 4-bit experts weights (their storage and scales), bitsandbytes 4-bit linear weights, other
+    frozen weights, trainable parameters, their gradients, the optimizer's states (each tensor counted once)."""
+    import torch
+
+    seen, sizes = set(), dict.fromkeys(("experts 4-bit", "linear 4-bit", "frozen dense", "trainable", "gradients",
+                                        "optimizer"), 0)
+
+    def nbytes(t):
+        if t is None or id(t) in seen:
+            return 0
+        seen.add(id(t))
+        if hasattr(t, "weight4bit"):  # Tensor4bit: its storage
+            return sum(x.numel() * x.element_size() for x in t.weight4bit if isinstance(x, torch.Tensor))
+        size = t.numel() * t.element_size()
+        state = getattr(t, "quant_state", None)  # bitsandbytes Params4bit
+        if state is not None:
+            size += sum(x.numel() * x.element_size() for x in (state.absmax, state.code) if x is not None)
+            if getattr(state, "state2", None) is not None:
+                size += sum(x.numel() * x.element_size() for x in (state.state2.absmax, state.state2.code))
+        return size
+
+    for p in model.parameters():
+        kind = ("experts 4-bit" if hasattr(p, "weight4bit") else "linear 4-bit" if hasattr(p, "quant_state")
+                else "trainable" if p.requires_grad else "frozen dense")
+        sizes[kind] += nbytes(p)
+        sizes["gradients"] += nbytes(p.grad)
+    for state in optimizer.state.values():
+        sizes["optimizer"] += sum(nbytes(v) for v in state.values() if isinstance(v, torch.Tensor))
+    return {k: round(v / 2**20, 1) for k, v in sizes.items()}
+
+
 def train_run(model, batches, *, impl, lr=1e-4, device="cpu", progress=None, log_every=0, log=print,
-              zero3=False) -> RunResult:
+              zero3=False, optim="adamw") -> RunResult:
     """Train ``model`` on ``batches`` (AdamW; with ``zero3`` inside a DeepSpeed ZeRO-3 engine); the loss and the
     wall time of every step."""
     import torch
 
     cuda = torch.device(device).type == "cuda"
-    optimizer = make_optimizer(model, lr=lr, device=device)
+    optimizer = make_optimizer(model, lr=lr, device=device, optim=optim)
     if zero3:
         from .parallel import deepspeed_zero3
 
@@ -221,7 +294,7 @@ def train_run(model, batches, *, impl, lr=1e-4, device="cpu", progress=None, log
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    losses, seconds = [], []
+    losses, seconds, memory = [], [], None
     for step, input_ids in enumerate(batches):
         input_ids = input_ids.to(device)
         start = time.perf_counter()
@@ -231,6 +304,8 @@ def train_run(model, batches, *, impl, lr=1e-4, device="cpu", progress=None, log
         lm_loss = out.loss.item()  # synchronises
         seconds.append(time.perf_counter() - start)
         losses.append(lm_loss)
+        if step == 0 and not zero3:
+            memory = memory_breakdown(model, optimizer)
         if not math.isfinite(lm_loss):
             raise FloatingPointError(f"{impl}: loss is {lm_loss} at step {step}")
         if progress is not None:
@@ -239,12 +314,13 @@ def train_run(model, batches, *, impl, lr=1e-4, device="cpu", progress=None, log
         if log_every and (step + 1) % log_every == 0:
             log(f"{impl} step {step + 1}/{len(batches)}: loss {lm_loss:.4f}, {1e3 * seconds[-1]:.0f} ms/step")
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0
-    return RunResult(impl, losses, seconds, batches[0].numel() if batches else 0, peak)
+    return RunResult(impl, losses, seconds, batches[0].numel() if batches else 0, peak, memory)
 
 
 def compare(impls, *, steps, batch, seq, seed=0, data=None, preset="tiny", model_path=None, lora_r=0,
             gradient_checkpointing=False, device="cpu", dtype="float32", lr=1e-4, kernel=None, log_every=0,
-            show_progress=True, log=print, config_overrides=None, fsdp=False, ep=0, zero3=False):
+            show_progress=True, log=print, config_overrides=None, fsdp=False, ep=0, zero3=False, qlora=False,
+            piecewise=False, lora_dtype="float32", optim="adamw"):
     """One run per implementation on the same batches from the same weights; list of RunResult. Under torchrun
     each rank draws its own batches (seed + rank) and the results are this rank's."""
     import torch
@@ -264,7 +340,8 @@ def compare(impls, *, steps, batch, seq, seed=0, data=None, preset="tiny", model
     for impl in impls:
         model = build_model(impl, preset=preset, model_path=model_path, lora_r=lora_r,
                             gradient_checkpointing=gradient_checkpointing, device=device, dtype=dtype, seed=seed,
-                            kernel=kernel, config_overrides=config_overrides, fsdp=fsdp, ep=ep)
+                            kernel=kernel, config_overrides=config_overrides, fsdp=fsdp, ep=ep, qlora=qlora,
+                            piecewise=piecewise, lora_dtype=lora_dtype)
         if model.config.vocab_size < 256 and tokenizer is None:
             raise ValueError(f"byte-level data needs vocab_size ≥ 256, the model has {model.config.vocab_size}")
         progress = None
@@ -274,7 +351,7 @@ def compare(impls, *, steps, batch, seq, seed=0, data=None, preset="tiny", model
             progress = tqdm(total=steps, desc=impl, file=sys.stderr, leave=False)
         try:
             results.append(train_run(model, batches, impl=impl, lr=lr, device=device, progress=progress,
-                                     log_every=log_every, log=log, zero3=zero3))
+                                     log_every=log_every, log=log, zero3=zero3, optim=optim))
         finally:
             if progress is not None:
                 progress.close()
