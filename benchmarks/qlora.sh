@@ -12,8 +12,8 @@ export PYTHONPATH=/tmp/site:$PWD/patch PYTHONUNBUFFERED=1 QWEN3_MOE_FUSED_AUTOTU
 nvidia-smi --query-gpu=name,driver_version,memory.used,clocks.sm --format=csv,noheader
 if [ "${TESTS:-1}" = 1 ]; then
   SECONDS=0
-  timeout 300 python3 -m pytest tests/test_weights4bit.py tests/test_qlora.py -q -p no:cacheprovider -rs > "$OUT/qlora_tests.log" 2>&1
-  echo "tests exit $? (${SECONDS} s)"; grep -E "passed|failed|error|^(FAILED|ERROR)" "$OUT/qlora_tests.log" | tail -8
+  timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest ${TEST_TARGETS:-tests/test_weights4bit.py tests/test_qlora.py} -q -p no:cacheprovider -rs --tb=short > "$OUT/qlora_tests.log" 2>&1
+  echo "tests exit $? (${SECONDS} s)"; grep -E "passed|failed|error|^(FAILED|ERROR)|^E  " "$OUT/qlora_tests.log" | head -12
 fi
 common="--preset 30b-a3b --lora-r 16 --lora-dtype bfloat16 --optim adamw8bit --gradient-checkpointing --batch 1
         --dtype bfloat16 --device cuda --steps ${STEPS:-12} --lr 1e-4 --no-progress --log-every 0"

@@ -106,9 +106,9 @@ def test_experts_on_4bit_weights_match_the_reference_on_their_dequantized_weight
     assert allocations.largest < exact[1].numel()  # nothing the size of a weight: no dense copy
     ref_leaves = [t.detach().double().requires_grad_() for t in (*leaves, *factors)]
     ref_lora = kernel.ExpertsLora(*ref_leaves[2:], gate_up_scale=0.5, down_scale=2.0)
-    ref_out = kernel.reference.moe_experts(ref_leaves[0], index, ref_leaves[1], *(w.double() for w in exact),
+    ref_out = kernel.reference.moe_experts(ref_leaves[0], index.to(DEVICE), ref_leaves[1], *(w.double() for w in exact),
                                            lora=ref_lora)
-    ref_grads = torch.autograd.grad(ref_out, ref_leaves, grad_out)
+    ref_grads = torch.autograd.grad(ref_out, ref_leaves, grad_out.to(DEVICE))
     names = ("out", "d hidden", "d top_k_weights", "d gate_up_a", "d gate_up_b", "d down_a", "d down_b")
     for name, got, want in zip(names, (out, *grads), (ref_out, *ref_grads)):
         assert_close_rel(got, want, TOL[dtype], f"4-bit {dtype} {name}")

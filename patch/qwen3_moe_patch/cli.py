@@ -199,8 +199,10 @@ def _train_command(args) -> int:
             raise ValueError("--memory-cap-gib caps CUDA memory: add --device cuda, or drop it")
         import torch
 
-        total = torch.cuda.get_device_properties(torch.device(args.device)).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), torch.device(args.device))
+        device = torch.device(args.device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), index)
     rank = 0
     if scale:
         from .parallel import init_process_group
