@@ -168,7 +168,8 @@ def _grouped_gemm(a, b, k_dim, n_dim, routing, block_m, gather_slots=0, lora=Non
 
     key = (n, a.shape[1], gather_slots > 0, lora_args["LORA_R"], block_m, tuning.rows_bucket(row_pair.numel(), b_shape[0]),
            *(("4bit",) if b_q else ()))
-    tuning.choose("thin" if thin else "grouped_gemm", key, a.dtype, launch, n, thin_n=n if thin else None)
+    kind = "thin" if thin else ("grouped_gemm_4bit" if b_q else "grouped_gemm")
+    tuning.choose(kind, key, a.dtype, launch, n, thin_n=n if thin else None)
     return c
 
 

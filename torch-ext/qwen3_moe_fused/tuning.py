@@ -39,6 +39,10 @@ def _config(BLOCK_N, BLOCK_K, num_warps, num_stages, **extra):
 CANDIDATES = {  # the first of each list is the default
     "gate_up": [_config(128, 64, 8, 4), _config(64, 64, 4, 4), _config(128, 64, 8, 3), _config(64, 128, 4, 3)],
     "grouped_gemm": [_config(256, 64, 8, 4), _config(128, 64, 8, 4), _config(128, 64, 4, 4), _config(256, 64, 8, 3)],
+    # 4-bit weights: tiles whose columns lie in one 64-element block along the weight's contiguous dimension (dX
+    # reads W1 [E, 2I, H] with H as its columns): wider tiles need a scale per element, more shared memory than an
+    # SM has (measured on the H200: every grouped_gemm config above failed for dX)
+    "grouped_gemm_4bit": [_config(64, 64, 4, 4), _config(128, 64, 8, 4), _config(64, 64, 8, 4), _config(64, 64, 4, 3)],
     "thin": [_config(16, 128, 4, 3), _config(16, 64, 4, 4), _config(16, 256, 4, 2), _config(16, 64, 2, 4)],
     "dgrad": [_config(64, 64, 8, 4, BLOCK_M=64), _config(64, 64, 8, 4), _config(64, 128, 8, 3),
               _config(128, 128, 8, 3)],
