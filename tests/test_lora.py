@@ -19,7 +19,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _peft_model(seed, config, impl="eager", device="cpu", dtype=torch.float32):
-    model = get_peft_model(make_model(seed=seed, experts_implementation=impl).to(device, dtype), config)
+    return random_factors(get_peft_model(make_model(seed=seed, experts_implementation=impl).to(device, dtype), config),
+                          seed)
+
+
+def random_factors(model, seed):
+    """``model`` with every LoRA factor drawn at random (the same for the same seed)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # LoRA B starts at zero: give every factor values, the same for the same seed
         for name, p in model.named_parameters():

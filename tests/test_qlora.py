@@ -11,6 +11,8 @@ import torch
 from qwen3_moe_patch import dequantize_4bit, patch_qwen3_moe, quantize_4bit
 from qwen3_moe_patch.presets import make_model
 
+from test_lora import random_factors
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -80,13 +82,7 @@ def _lora(model, seed):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=4, lora_alpha=8, target_modules=ATTENTION, target_parameters=EXPERTS)
-    model = get_peft_model(model, config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # LoRA B starts at zero: give every factor values, the same for the same seed
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
+    return random_factors(get_peft_model(model, config), seed)
 
 
 class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
@@ -209,3 +205,19 @@ def test_quantize_4bit_refuses_what_it_cannot_hold(kernel, bnb_peft):
     with pytest.raises(ValueError, match="multiple of 64"):
         quantize_4bit(make_model(seed=6), _config())  # the tiny preset's experts: rows of 32
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # nothing changed
+
+
+def test_train_qlora_builds_4bit_layers_piece_by_piece_and_trains(kernel, bnb_peft):
+    """The train loop's QLoRA run (what ``train --qlora`` and benchmarks/qlora.sh run): decoder layers in 4-bit,
+    built layer by layer, LoRA in float32, 8-bit AdamW; the memory breakdown sees the 4-bit storage."""
+    from qwen3_moe_patch import train
+
+    with pytest.raises(ValueError, match="--lora-r"):
+        train.build_model("fused", qlora=True, device=DEVICE)
+    (run,) = train.compare(["fused"], steps=2, batch=2, seq=16, lora_r=4, qlora=True, optim="adamw8bit",
+                           config_overrides={"moe_intermediate_size": 64}, kernel=kernel, device=DEVICE,
+                           show_progress=False)
+    assert len(run.losses) == 2 and all(torch.isfinite(torch.tensor(run.losses)))
+    memory = run.memory_mib
+    assert memory["experts 4-bit"] > 0 and memory["linear 4-bit"] > 0 and memory["trainable"] > 0
+    assert memory["optimizer"] > 0 and memory["frozen dense"] > 0  # embedding, norms, head

@@ -267,7 +267,7 @@ def memory_breakdown(model, optimizer) -> dict:
         sizes["gradients"] += nbytes(p.grad)
     for state in optimizer.state.values():
         sizes["optimizer"] += sum(nbytes(v) for v in state.values() if isinstance(v, torch.Tensor))
-    return {k: round(v / 2**20, 1) for k, v in sizes.items()}
+    return {k: round(v / 2**20, 3) for k, v in sizes.items()}
 
 
 def train_run(model, batches, *, impl, lr=1e-4, device="cpu", progress=None, log_every=0, log=print,
