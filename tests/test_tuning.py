@@ -15,7 +15,7 @@ from test_kernels import (
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KINDS = ("gate_up", "grouped_gemm", "thin", "dgrad", "wgrad")
+KINDS = ("gate_up", "grouped_gemm", "grouped_gemm_4bit", "thin", "dgrad", "wgrad")
 
 
 def _candidate(kernel, i):
