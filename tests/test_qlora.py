@@ -166,8 +166,8 @@ def test_tensor4bit_moves_keeps_its_storage_and_refuses_writes(kernel, bnb, capl
     exact = kernel.weights4bit.dequantize(stored.weight4bit)
     param = torch.nn.Parameter(stored, requires_grad=False)
     for same in (param.detach(), param.clone(), param.to(DEVICE)):
-        assert type(same) is type(stored) and same.weight4bit.packed.data_ptr() == stored.weight4bit.packed.data_ptr() \
-            or torch.equal(same.weight4bit.packed, stored.weight4bit.packed)
+        assert type(same) is type(stored) and torch.equal(same.weight4bit.packed, stored.weight4bit.packed)
+        assert torch.equal(kernel.weights4bit.dequantize(same.weight4bit), exact)
     half = param.to(torch.float16)
     assert type(half) is type(stored) and half.dtype == torch.float16 and half.weight4bit.packed is stored.weight4bit.packed
     with pytest.raises(RuntimeError, match="frozen"):
@@ -221,3 +221,6 @@ def test_train_qlora_builds_4bit_layers_piece_by_piece_and_trains(kernel, bnb_pe
     memory = run.memory_mib
     assert memory["experts 4-bit"] > 0 and memory["linear 4-bit"] > 0 and memory["trainable"] > 0
     assert memory["optimizer"] > 0 and memory["frozen dense"] > 0  # embedding, norms, head
+    assert memory["gradients"] == pytest.approx(memory["trainable"], rel=1e-6)  # one gradient per trainable
+    with pytest.raises(ValueError, match="drop one of them"):
+        train.build_model("fused", piecewise=True, model_path="somewhere", device=DEVICE)

@@ -12,7 +12,7 @@ load_in_4bit=True)`` the stacked experts (29.0 of Qwen3-30B-A3B's 30.5 B paramet
 gap with the same settings (``bnb_4bit_quant_type``, ``bnb_4bit_use_double_quant``, ``llm_int8_skip_modules``,
 block size 64 as transformers uses). Each weight is moved to ``device`` and quantized there on its own, so the
 GPU never holds more than one dense weight: a model built on the meta device or on the CPU can be quantized
-piece by piece (``presets.make_quantized_model`` does that for the random-weight presets). Then PEFT LoRA and
+piece by piece (``presets.make_model_piecewise`` does that for the random-weight presets). Then PEFT LoRA and
 ``patch_qwen3_moe`` work as on the dense model; the fused kernels dequantize each 4-bit tile as they load it.
 """
 
@@ -52,7 +52,8 @@ def _settings(quantization_config):
     return quantization_config.bnb_4bit_quant_type, bool(quantization_config.bnb_4bit_use_double_quant), compute, skip
 
 
-def _bnb():
+def bitsandbytes_module():
+    """bitsandbytes, or an ImportError that says how to install it."""
     try:
         import bitsandbytes
     except ImportError as err:
@@ -88,7 +89,7 @@ def quantize_4bit(model: nn.Module, quantization_config=None, *, device=None) ->
 
     from .experts_interface import current_kernel
 
-    bnb = _bnb()
+    bnb = bitsandbytes_module()
     quant_type, nested, compute_dtype, skip = _settings(quantization_config)
     _check_not_adapted(model)
     kernel = current_kernel()

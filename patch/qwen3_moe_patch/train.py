@@ -164,8 +164,10 @@ def build_model(impl, *, preset="tiny", model_path=None, lora_r=0, gradient_chec
         raise ValueError("--fsdp and --ep need several processes: launch with torchrun --nproc_per_node N")
     if qlora and not lora_r:
         raise ValueError("--qlora trains LoRA adapters on the 4-bit model: give --lora-r (e.g. 16)")
-    if qlora and (fsdp or ep):
-        raise ValueError("--qlora runs on one GPU: drop --fsdp / --ep")
+    if (qlora or piecewise) and (fsdp or ep):
+        raise ValueError(f"--{'qlora' if qlora else 'piecewise'} builds the model on one GPU: drop --fsdp / --ep")
+    if piecewise and model_path:
+        raise ValueError("--piecewise builds a preset; a --model checkpoint is loaded as it is: drop one of them")
     if ep and not model_path:
         model_path = preset_checkpoint(preset, seed, config_overrides, dtype)
     if (qlora or piecewise) and not model_path:
@@ -230,9 +232,9 @@ def make_optimizer(model, *, lr=1e-4, device="cpu", optim="adamw"):
 
     params = [p for p in model.parameters() if p.requires_grad]
     if optim == "adamw8bit":
-        from .quantize import _bnb
+        from .quantize import bitsandbytes_module
 
-        return _bnb().optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
+        return bitsandbytes_module().optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
     if optim != "adamw":
         raise ValueError(f"unknown optimizer {optim!r}; choose from {', '.join(OPTIMIZERS)}")
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=torch.device(device).type == "cuda")
@@ -240,7 +242,8 @@ def make_optimizer(model, *, lr=1e-4, device="cpu", optim="adamw"):
 
 def memory_breakdown(model, optimizer) -> dict:
     """MiB held by: 4-bit experts weights (their storage and scales), bitsandbytes 4-bit linear weights, other
-    frozen weights, trainable parameters, their gradients, the optimizer's states (each tensor counted once)."""
+    frozen weights, trainable parameters, their gradients (where still held: train_run measures them before the
+    optimizer step frees them), the optimizer's states (each tensor counted once)."""
     import torch
 
     seen, sizes = set(), dict.fromkeys(("experts 4-bit", "linear 4-bit", "frozen dense", "trainable", "gradients",
@@ -300,12 +303,15 @@ def train_run(model, batches, *, impl, lr=1e-4, device="cpu", progress=None, log
         start = time.perf_counter()
         out = model(input_ids=input_ids, labels=input_ids)  # loss includes the router's aux loss (× its coef)
         backward(out.loss)
+        if step == 0 and not zero3:
+            grad_mib = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters()
+                           if p.grad is not None) / 2**20
         optimizer_step()
         lm_loss = out.loss.item()  # synchronises
         seconds.append(time.perf_counter() - start)
         losses.append(lm_loss)
-        if step == 0 and not zero3:
-            memory = memory_breakdown(model, optimizer)
+        if step == 0 and not zero3 and not _distributed():  # (sharded parameters would count whole)
+            memory = dict(memory_breakdown(model, optimizer), gradients=round(grad_mib, 3))
         if not math.isfinite(lm_loss):
             raise FloatingPointError(f"{impl}: loss is {lm_loss} at step {step}")
         if progress is not None:
@@ -335,6 +341,8 @@ def compare(impls, *, steps, batch, seq, seed=0, data=None, preset="tiny", model
         import torch.distributed as dist
 
         rank = dist.get_rank()
+    if zero3 and (qlora or piecewise):
+        raise ValueError(f"--{'qlora' if qlora else 'piecewise'} builds the model on one GPU: drop --zero3")
     batches = make_batches(token_stream(data, tokenizer), steps, batch, seq, seed + rank)
     results = []
     for impl in impls:
