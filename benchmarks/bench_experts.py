@@ -96,9 +96,10 @@ def _fused_experts(kernel):
     return qwen3_moe_patch.register_experts_implementation(kernel=kernel)
 
 
-def _lora_implementations(kernel, shape, rank, w1, w2, gen):
+def _lora_implementations(kernel, shape, rank, w1, w2, gen, nf4=False):
     """({name: fn(x, index, weights)}, LoRA parameters, the module): stock PEFT and ours on one PEFT-wrapped
-    experts module."""
+    experts module; with ``nf4``, ours alone on the module with its experts in NF4 (nested scales, as
+    ``quantize_4bit`` stores them: a frozen ``Tensor4bit`` the kernels dequantize as they load each tile)."""
     from peft import LoraConfig, inject_adapter_in_model
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
@@ -107,8 +108,13 @@ def _lora_implementations(kernel, shape, rank, w1, w2, gen):
     cfg = Qwen3MoeConfig(hidden_size=shape["H"], moe_intermediate_size=shape["I"], num_experts=shape["E"],
                          num_experts_per_tok=shape["K"], experts_implementation="grouped_mm")
     holder.experts = Qwen3MoeExperts(cfg).to(DEVICE, DTYPE)
-    holder.experts.gate_up_proj = torch.nn.Parameter(w1.detach(), requires_grad=False)
-    holder.experts.down_proj = torch.nn.Parameter(w2.detach(), requires_grad=False)
+    for name, w in (("gate_up_proj", w1), ("down_proj", w2)):
+        if nf4:
+            import bitsandbytes.functional as bnb
+
+            w = kernel.Tensor4bit(kernel.weights4bit.from_bnb(*bnb.quantize_4bit(
+                w.detach(), blocksize=64, quant_type="nf4", compress_statistics=True)))
+        setattr(holder.experts, name, torch.nn.Parameter(w.detach(), requires_grad=False))
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank,
                                        target_parameters=["experts.gate_up_proj", "experts.down_proj"]), holder)
     lora = [p for n, p in holder.named_parameters() if "lora_" in n]
@@ -124,18 +130,27 @@ def _lora_implementations(kernel, shape, rank, w1, w2, gen):
             return holder.experts(x, index, weights)
         return run
 
+    if nf4:
+        return {f"qwen3-moe-fused LoRA r{rank} (NF4 experts)": through(fused_name)}, lora, holder
     impls = {f"qwen3-moe-fused LoRA r{rank}": through(fused_name),
              f"PEFT LoRA r{rank} (grouped_mm)": through("grouped_mm")}
     return impls, lora, holder
 
 
+def _plain(t):
+    """The plain tensors holding ``t`` (a tensor subclass such as Tensor4bit: its inner tensors)."""
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        return [t]
+    return [inner for name in t.__tensor_flatten__()[0] for inner in _plain(getattr(t, name))]
+
+
 def _saved_bytes_per_token(fn, args, params, T):
-    param_storages = {p.untyped_storage().data_ptr() for p in params}
+    param_storages = {q.untyped_storage().data_ptr() for p in params for q in _plain(p)}
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         fn(*args)
     seen, total = set(), 0
-    for t in saved:
+    for t in (q for s in saved for q in _plain(s)):
         ptr = t.untyped_storage().data_ptr()
         if ptr not in param_storages and ptr not in seen:
             seen.add(ptr)
@@ -256,6 +271,8 @@ def main():
     parser.add_argument("--eager-at", default="30b-a3b:4096", help="SHAPE:T, the one size at which the eager loop runs")
     parser.add_argument("--profile-at", default="", help="SHAPE:T: per-kernel breakdown of our rows there (uniform)")
     parser.add_argument("--lora-rank", type=int, default=0, help="also time LoRA of this rank on frozen experts")
+    parser.add_argument("--lora-nf4", action="store_true",
+                        help="with --lora-rank: also ours on the experts in NF4 (QLoRA; needs bitsandbytes)")
     args = parser.parse_args()
 
     import kernels
@@ -278,6 +295,12 @@ def main():
                     lora_impls, lora, _ = _lora_implementations(kernel, shape, args.lora_rank, w1, w2, gen)
                     runs += [(f"lora r{args.lora_rank}", fn, (x, index, weights), [x, weights, *lora],
                               (w1, w2, *lora), 12) for fn in lora_impls.items()]
+                if args.lora_rank and args.lora_nf4:
+                    nf4_impls, nf4_lora, nf4_holder = _lora_implementations(kernel, shape, args.lora_rank, w1, w2,
+                                                                            gen, nf4=True)
+                    params = (*(p for p in nf4_holder.parameters() if not p.requires_grad), *nf4_lora)
+                    runs += [(f"lora r{args.lora_rank} nf4", fn, (x, index, weights), [x, weights, *nf4_lora],
+                              params, 12) for fn in nf4_impls.items()]
                 counts = torch.bincount(index.flatten(), minlength=shape["E"])
                 reference = {}
                 for mode, (name, fn), call, grad_inputs, params, flop_factor in runs:

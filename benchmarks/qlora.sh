@@ -3,13 +3,22 @@
 # layer by layer, NF4 with nested scales; LoRA on experts and attention in bf16, bitsandbytes' 8-bit AdamW, gradient
 # checkpointing, 1 sequence per step) under a memory cap that proves it fits a 24 GB card, against our bf16 LoRA
 # on the same (unquantized) weights. Each row is its own process under its own timeout; then one table.
+# LAYER=1 first times one experts layer (30B shape, LoRA r16) on bf16 vs NF4 experts, with a per-kernel profile.
 # Usage (GPU machine, repository root, wheels of kernels/tomlkit/liger-kernel/bitsandbytes in .whl):
-#   [ROWS="qlora-liger:2048 lora-liger:2048 qlora:2048"] [STEPS=12] [CAP=22] [TESTS=1] bash benchmarks/qlora.sh
+#   [ROWS="qlora-liger:2048 lora-liger:2048 qlora:2048"] [STEPS=12] [CAP=22] [TESTS=1] [LAYER=0] bash benchmarks/qlora.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/runs
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/patch PYTHONUNBUFFERED=1 QWEN3_MOE_FUSED_AUTOTUNE_CACHE=/tmp/autotune.json
 nvidia-smi --query-gpu=name,driver_version,memory.used,clocks.sm --format=csv,noheader
+if [ "${LAYER:-0}" = 1 ]; then
+  SECONDS=0
+  python3 -m qwen3_moe_patch.cli build --out build > /dev/null &&
+    timeout "${LAYER_TIMEOUT:-180}" python3 benchmarks/bench_experts.py --build build --out "$OUT/layer_nf4.json" \
+      --shapes 30b-a3b --tokens ${LAYER_TOKENS:-2048 16384} --routings uniform --impls fused --lora-rank 16 \
+      --lora-nf4 --profile-at "30b-a3b:${LAYER_PROFILE:-2048}" > "$OUT/layer_nf4.log" 2>&1
+  echo "layer exit $? (${SECONDS} s)"; grep -vE '^\{|Warning|warn' "$OUT/layer_nf4.log" | tail -40
+fi
 if [ "${TESTS:-1}" = 1 ]; then
   SECONDS=0
   timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest ${TEST_TARGETS:-tests/test_weights4bit.py tests/test_qlora.py} -q -p no:cacheprovider -rs --tb=short > "$OUT/qlora_tests.log" 2>&1
