@@ -5,7 +5,7 @@
 # on the same (unquantized) weights. Each row is its own process under its own timeout; then one table.
 # LAYER=1 first times one experts layer (30B shape, LoRA r16) on bf16 vs NF4 experts, with a per-kernel profile.
 # Usage (GPU machine, repository root, wheels of kernels/tomlkit/liger-kernel/bitsandbytes in .whl):
-#   [ROWS="qlora-liger:2048 lora-liger:2048 qlora:2048"] [STEPS=12] [CAP=22] [TESTS=1] [LAYER=0] bash benchmarks/qlora.sh
+#   [ROWS="qlora-liger:2048 lora-liger:2048 qlora:2048"] [STEPS=12] [CAP=22] [TESTS=1] [TEST_TARGETS=... TEST_K=...] [LAYER=0] bash benchmarks/qlora.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/runs
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -21,7 +21,8 @@ if [ "${LAYER:-0}" = 1 ]; then
 fi
 if [ "${TESTS:-1}" = 1 ]; then
   SECONDS=0
-  timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest ${TEST_TARGETS:-tests/test_weights4bit.py tests/test_qlora.py} -q -p no:cacheprovider -rs --tb=short > "$OUT/qlora_tests.log" 2>&1
+  timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest ${TEST_TARGETS:-tests/test_weights4bit.py tests/test_qlora.py} \
+    ${TEST_K:+-k "$TEST_K"} -q -p no:cacheprovider -rs --tb=short > "$OUT/qlora_tests.log" 2>&1
   echo "tests exit $? (${SECONDS} s)"; grep -E "passed|failed|error|^(FAILED|ERROR)|^E  " "$OUT/qlora_tests.log" | head -12
 fi
 common="--preset 30b-a3b --lora-r 16 --lora-dtype bfloat16 --optim adamw8bit --gradient-checkpointing --batch 1
