@@ -125,8 +125,10 @@ def _lora_implementations(kernel, shape, rank, w1, w2, gen, nf4=False):
     fused_name = _fused_experts(kernel)
 
     def through(implementation):  # the same PEFT-wrapped module, run by one experts implementation or the other
-        def run(x, index, weights):
+        def run(x, index, weights):  # ours called as the patched block calls its experts, PEFT's as its block does
             cfg._experts_implementation = implementation
+            if implementation == fused_name:
+                return kernel.layers.call_experts(holder.experts, x, index, weights)
             return holder.experts(x, index, weights)
         return run
 

@@ -23,6 +23,28 @@ def _peft_model(seed, config, impl="eager", device="cpu", dtype=torch.float32):
                           seed)
 
 
+class Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """The largest floating tensor (in elements of its storage) any torch op creates while this is on. Results
+    in an input's storage (views, in-place ops) are not new; tensor subclasses' results (a ``Tensor4bit``, also
+    one carrying PEFT's LoRA factors) hold no dense data; elements a result only repeats (an expanded stand-in)
+    are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if type(t) in (torch.Tensor, torch.nn.Parameter)}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if type(t) is torch.Tensor and t.is_floating_point() and t.untyped_storage().data_ptr() not in inputs:
+                size = min(t.numel(), t.untyped_storage().nbytes() // t.element_size())
+                if size > self.largest:
+                    self.largest, self.op = size, func.name()
+        return out
+
+
 def random_factors(model, seed):
     """``model`` with every LoRA factor drawn at random (the same for the same seed)."""
     gen = torch.Generator().manual_seed(seed)
@@ -77,6 +99,14 @@ def test_patched_peft_lora_trains_like_stock_peft_without_forming_w_plus_delta(k
         assert _saved_weight_sized(model, ids) == []
     assert "materialised" not in caplog.text and "as it forms it" not in caplog.text
     assert _saved_weight_sized(stock, ids)  # stock PEFT keeps W + ΔW (the check can see it)
+    # Nothing of an experts weight's size is formed either: where the fused block calls the PEFT-wrapped experts,
+    # not even the W + ΔW that registering PEFT's parametrization evaluates to check it (transformers' own block,
+    # under the experts implementation alone, still makes that evaluation).
+    experts_numel = min(p.numel() for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj")))
+    for checked, allocates in ((model, how == "experts_implementation"), (stock, True)):
+        with Allocations() as allocations:
+            _step(checked, ids)
+        assert (allocations.largest >= experts_numel) == allocates, (how, allocations.op)
 
 
 def test_v4_style_target_modules_with_rslora(kernel):

@@ -11,7 +11,7 @@ import torch
 from qwen3_moe_patch import dequantize_4bit, patch_qwen3_moe, quantize_4bit
 from qwen3_moe_patch.presets import make_model
 
-from test_lora import random_factors
+from test_lora import Allocations, random_factors
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -85,23 +85,6 @@ def _lora(model, seed):
     return random_factors(get_peft_model(model, config), seed)
 
 
-class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
-    """The largest floating tensor any torch op of the block creates (``Tensor4bit`` results hold no dense data:
-    PEFT's parametrization makes one per forward, carrying the LoRA factors)."""
-
-    def __init__(self, kernel):
-        super().__init__()
-        self.largest, self.op, self.kernel = 0, None, kernel
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and not isinstance(t, self.kernel.Tensor4bit) and t.is_floating_point() \
-                    and t.numel() > self.largest:
-                self.largest, self.op = t.numel(), func.name()
-        return out
-
-
 def _step(model, ids):
     model.zero_grad(set_to_none=True)
     out = model(input_ids=ids, labels=ids)
@@ -119,7 +102,7 @@ def test_qlora_trains_like_stock_peft_on_the_dequantized_weights_without_a_dense
     patch_qwen3_moe(qlora, kernel=kernel)
     ids = _ids(1).to(DEVICE)
     experts_numel = min(p.numel() for n, p in qlora.named_parameters() if n.endswith(("gate_up_proj", "down_proj")))
-    with caplog.at_level(logging.WARNING), _Allocations(kernel) as allocations:
+    with caplog.at_level(logging.WARNING), Allocations() as allocations:
         loss, grads = _step(qlora, ids)
     want_loss, want_grads = _step(stock, ids)
     assert allocations.largest < experts_numel, allocations.op

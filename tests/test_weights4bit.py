@@ -58,21 +58,6 @@ def _experts_problem(dtype, seed, E=6, T=40, K=2):
     return x, index, weights, dense, grad_out
 
 
-class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
-    """The largest floating tensor any torch op of the block creates."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("dtype, nested, tiles", [
     (torch.float32, False, "in-block"), (torch.float32, True, "in-block"), (torch.float16, False, "in-block"),
     (torch.float16, True, "in-block"), (torch.float16, True, "across-blocks"), (torch.float32, False, "across-blocks"),
@@ -85,6 +70,7 @@ def test_experts_on_4bit_weights_match_the_reference_on_their_dequantized_weight
     import contextlib
 
     from test_kernels import TOL, _lora_factors, assert_close_rel
+    from test_lora import Allocations
 
     wide = kernel.tuning._config(128, 128 * dtype.itemsize // 2, 4, 1)  # BLOCK_K 128 for this dtype
     forced = kernel.tuning.forced(gate_up=wide, grouped_gemm_4bit=wide, dgrad=wide) if tiles == "across-blocks" \
@@ -100,7 +86,7 @@ def test_experts_on_4bit_weights_match_the_reference_on_their_dequantized_weight
     leaves = [t.to(DEVICE, dtype).requires_grad_() for t in (x, weights)]
     factors = _lora_factors(exact[0], exact[1], (4, 3), 31)
     lora = kernel.ExpertsLora(*factors, gate_up_scale=0.5, down_scale=2.0)
-    with _Allocations() as allocations, forced:
+    with Allocations() as allocations, forced:
         out = kernel.moe_experts(leaves[0], index.to(DEVICE), leaves[1], *quantized, lora=lora)
         grads = torch.autograd.grad(out, [*leaves, *factors], grad_out.to(DEVICE, dtype))
     assert allocations.largest < exact[1].numel()  # nothing the size of a weight: no dense copy

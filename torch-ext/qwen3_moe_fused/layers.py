@@ -14,6 +14,13 @@ Two layers, one per host module:
   Its forward is the fused computation on the module's own weights (with PEFT's LoRA factors when PEFT
   parametrizes them). It is what transformers' experts implementation "qwen3_moe_fused" runs (the plugin
   registers it), so under TP/EP it runs inside the engine's experts forward, on local shards and local ids.
+
+PEFT's LoRA on the experts weights (``target_parameters``) registers a parametrization on each weight at every
+forward, and torch's ``register_parametrization`` evaluates it once on the spot (W + s·B·A: a weight-sized
+``baddbmm`` and copy, 1.5 ms a layer at Qwen3-30B-A3B's shapes) only to check its shape and dtype. The fused
+experts never read that sum, so the block calls PEFT-wrapped experts under ``_LoraCheckStandIn``, which answers
+that one evaluation per weight with a stand-in of the weight's shape and dtype and ends before the experts
+forward starts.
 """
 
 import logging
@@ -24,7 +31,7 @@ from torch.nn.utils import parametrize
 
 from .functional import ExpertsLora, moe_experts
 
-__all__ = ["Qwen3MoeExperts", "Qwen3MoeSparseMoeBlock", "check_experts_layout"]
+__all__ = ["Qwen3MoeExperts", "Qwen3MoeSparseMoeBlock", "call_experts", "check_experts_layout"]
 
 _logger = logging.getLogger(__name__)
 _said = set()
@@ -55,6 +62,56 @@ def _say_once(key, message, *args):
         _logger.warning(message, *args)
 
 
+class _LoraCheckStandIn(torch.overrides.TorchFunctionMode):
+    """From the block's call of PEFT-wrapped experts until their forward starts (``end()``): the first
+    ``torch.baddbmm`` whose input is one of ``weights`` (the evaluation ``register_parametrization`` makes of PEFT's
+    factor proxy to check its result's shape and dtype, then discards) gets a stand-in of that shape and dtype
+    that holds no memory; every other call runs as called."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.pending = {id(w): w for w in weights}
+        self.ended = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.baddbmm and args and self.pending.get(id(args[0])) is args[0]:
+            weight = self.pending.pop(id(args[0]))
+            return torch.empty((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
+        return func(*args, **(kwargs or {}))
+
+    def end(self):
+        """Stop intercepting (where this mode is the innermost one; else at the block's exit)."""
+        if not self.ended and torch.overrides._get_current_function_mode() is self:
+            super().__exit__(None, None, None)
+            self.ended = True
+
+    def __exit__(self, *exc):
+        if not self.ended:
+            self.ended = True
+            super().__exit__(*exc)
+
+
+_open_stand_ins = []  # the stand-in modes of the block calls in flight, innermost last
+
+
+def call_experts(experts, hidden, top_k_index, top_k_weights):
+    """``experts(hidden, top_k_index, top_k_weights)``, as a module call; where PEFT wraps the experts module
+    (its ``base_layer``), under ``_LoraCheckStandIn`` for the base module's weights."""
+    base = experts
+    while isinstance(getattr(base, "base_layer", None), nn.Module):
+        base = base.base_layer
+    weights = [w for w in (base._parameters.get("gate_up_proj"), base._parameters.get("down_proj")) if w is not None]
+    if base is experts or not weights or torch.compiler.is_compiling():
+        return experts(hidden, top_k_index, top_k_weights)
+    stand_in = _LoraCheckStandIn(weights)
+    _open_stand_ins.append(stand_in)
+    try:
+        with stand_in:
+            return experts(hidden, top_k_index, top_k_weights)
+    finally:
+        _open_stand_ins.pop()
+
+
 def _weight_and_factors(experts, name):
     """(weight, (A, B, scale) or None) of ``experts.<name>``: where PEFT's LoRA factor proxy parametrizes it
     (``_LoraFactorsProxy``: lhs = B [E, out, r], rhs = A [E, r, in], scaling), the raw weight and the factors, so
@@ -83,6 +140,8 @@ class Qwen3MoeExperts(nn.Module):
     can_torch_compile = True
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if _open_stand_ins:  # PEFT has registered its parametrizations by now
+            _open_stand_ins[-1].end()
         check_experts_layout(self)
         gate_up_proj, gate_up = _weight_and_factors(self, "gate_up_proj")
         down_proj, down = _weight_and_factors(self, "down_proj")
@@ -108,5 +167,5 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
         batch_size, sequence_length, hidden_dim = hidden_states.shape
         hidden = hidden_states.reshape(-1, hidden_dim)
         _, routing_weights, selected_experts = self.gate(hidden)
-        out = self.experts(hidden, selected_experts, routing_weights)
+        out = call_experts(self.experts, hidden, selected_experts, routing_weights)
         return out.reshape(batch_size, sequence_length, hidden_dim)

@@ -1,17 +1,16 @@
 """4-bit weights (bitsandbytes' storage, ``weights4bit.py``) read inside a kernel, and dequantized whole.
 
-    load_4bit(...)[i] = code[c_i] · absmax[i // BLOCKSIZE]   in float32, 0 where masked
-with c_i the high (i even) or low (i odd) nibble of packed[i // 2] and, NESTED, absmax[b] = code2[absmax_q[b]] ·
-absmax2[b // BLOCKSIZE2] + offset: ``weights4bit.dequantize`` element for element. A GEMM's weight tile is such a
-load over the flat indices of its elements, so no dequantized copy of the weight exists; the dequantize kernel
-writes one (for saving or merging), rounded once to the output's dtype. Launch with ``enable_fp_fusion=False``
-where the nested scale must match bitsandbytes bit for bit (its multiply and add are separately rounded).
-``offset_ptr`` points to the nested scales' float32 offset (read only when NESTED).
+    w[i] = code[c_i] · absmax[i // BLOCKSIZE]   in float32
+with i the flat index of the element, c_i the high (i even) or low (i odd) nibble of packed[i // 2] and, NESTED,
+absmax[b] = code2[absmax_q[b]] · absmax2[b // BLOCKSIZE2] + offset: ``weights4bit.dequantize`` element for element.
+Launch with ``enable_fp_fusion=False`` where the nested scale must match bitsandbytes bit for bit (its multiply and
+add are separately rounded). ``offset_ptr`` points to the nested scales' float32 offset (read only when NESTED).
 
-``block`` (the elements' block indices) may have a smaller, broadcastable shape than ``index``: a GEMM tile that
-lies inside one block along the weight's contiguous dimension needs one scale per row or column of the tile, not
-one per element (``tile_blocks``). Scales loaded per element would be staged in shared memory at each pipeline
-stage (four fp32 tiles per weight tile when nested: more than a Hopper SM has at four stages).
+``load_4bit_tile`` is how a GEMM reads its weight tile: the packed bytes of the tile as a 2-D tile along the
+weight's contiguous dimension (coalesced, vectorised loads, one byte per two elements), split into nibbles in
+registers, and one scale per tile row where the tile's columns lie inside one block; no dequantized copy of the
+weight exists. ``dequantize_4bit_kernel`` writes one (for saving or merging), rounded once to the output's dtype,
+element by element (any numel).
 """
 
 import triton
@@ -19,42 +18,49 @@ import triton.language as tl
 
 
 @triton.jit
-def tile_blocks(at, base, k0, k, k_mask, col_mask, stride_k, K_CONTIG: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCKSIZE: tl.constexpr):
-    """(block indices, their mask) of a weight tile whose element (k, n) is at ``at[0, n] + k * stride_k`` (``base``
-    = at[0, 0]): one per column when the reduction dimension is the contiguous one (K_CONTIG, stride_k = 1) and the
-    tile's BLOCK_K rows lie in one block, one per row when the columns are contiguous and the tile's BLOCK_N columns
-    lie in one block (k0 and the first column are multiples of BLOCK_K and BLOCK_N, the contiguous dimension a
-    multiple of the block size), else one per element."""
-    if K_CONTIG and BLOCKSIZE % BLOCK_K == 0:
-        return (at + k0) // BLOCKSIZE, col_mask[None, :]
-    elif (not K_CONTIG) and BLOCKSIZE % BLOCK_N == 0:
-        return (base + k[:, None].to(tl.int64) * stride_k) // BLOCKSIZE, k_mask[:, None]
-    else:
-        return (at + k[:, None].to(tl.int64) * stride_k) // BLOCKSIZE, k_mask[:, None] & col_mask[None, :]
+def _scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask, NESTED: tl.constexpr,
+           BLOCKSIZE2: tl.constexpr):
+    """absmax of the blocks ``block`` (float32; 0 where masked)."""
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0) \
+            + tl.load(offset_ptr)
+        return tl.where(mask, scale, 0.0)
+    return tl.load(absmax_ptr + block, mask=mask, other=0.0)
 
 
 @triton.jit
-def load_4bit(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, index, mask, block, block_mask,
-              BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr):
-    byte = tl.load(packed_ptr + index // 2, mask=mask, other=0)
-    nibble = tl.where(index % 2 == 0, byte >> 4, byte & 15).to(tl.int32)
-    value = tl.load(code_ptr + nibble)
-    if NESTED:
-        q = tl.load(absmax_ptr + block, mask=block_mask, other=0).to(tl.int32)
-        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=block_mask, other=0.0) \
-            + tl.load(offset_ptr)
+def load_4bit_tile(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_at, row_mask, c0,
+                   C_TOTAL, R: tl.constexpr, C: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+                   BLOCKSIZE2: tl.constexpr):
+    """The tile w[row r][c0 + c] (r < R, c < C) in float32, 0 where masked: the tile's rows run along a strided
+    dimension of the weight (row r starts at flat element offset ``row_at[r]``, int64, even) and its C columns
+    along the contiguous one (C_TOTAL long, c0 a multiple of C). A row's C columns lie in one block when C
+    divides BLOCKSIZE (C_TOTAL a multiple of BLOCKSIZE): one scale per row; else one per element."""
+    j = tl.arange(0, C // 2)
+    byte_mask = row_mask[:, None] & (c0 + 2 * j < C_TOTAL)[None, :]
+    packed = tl.load(packed_ptr + (row_at[:, None] // 2 + c0 // 2 + j[None, :]), mask=byte_mask, other=0)
+    nibbles = tl.reshape(tl.join(packed >> 4, packed & 15), (R, C))  # element 2j: high nibble of byte j
+    values = tl.load(code_ptr + nibbles.to(tl.int32))
+    c = c0 + tl.arange(0, C)
+    mask = row_mask[:, None] & (c < C_TOTAL)[None, :]
+    if BLOCKSIZE % C == 0:
+        scale = _scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, (row_at + c0) // BLOCKSIZE, row_mask, NESTED,
+                       BLOCKSIZE2)[:, None]
     else:
-        scale = tl.load(absmax_ptr + block, mask=block_mask, other=0.0)
-    return tl.where(mask, value * scale, 0.0)
+        scale = _scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, (row_at[:, None] + c[None, :]) // BLOCKSIZE,
+                       mask, NESTED, BLOCKSIZE2)
+    return tl.where(mask, values * scale, 0.0)
 
 
 @triton.jit
 def dequantize_4bit_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, NUMEL,
                            BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr,
                            BLOCK: tl.constexpr):
+    """out = the whole weight, flat, BLOCK elements a program (any NUMEL: odd, or not whole blocks)."""
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = index < NUMEL
-    values = load_4bit(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, index, mask,
-                       index // BLOCKSIZE, mask, BLOCKSIZE, NESTED, BLOCKSIZE2)
-    tl.store(out_ptr + index, values.to(out_ptr.dtype.element_ty), mask=mask)
+    byte = tl.load(packed_ptr + index // 2, mask=mask, other=0)
+    values = tl.load(code_ptr + tl.where(index % 2 == 0, byte >> 4, byte & 15).to(tl.int32))
+    scale = _scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, index // BLOCKSIZE, mask, NESTED, BLOCKSIZE2)
+    tl.store(out_ptr + index, (values * scale).to(out_ptr.dtype.element_ty), mask=mask)

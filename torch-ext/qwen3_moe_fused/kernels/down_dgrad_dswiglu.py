@@ -11,14 +11,14 @@ Writes dz [TK, 2I] and hs [TK, I] in z's dtype, ds_partial [cdiv(I, BLOCK_N), TK
 Its M-tiles may be lower than the routing table's: each table tile is TILE_SPLIT tiles of BLOCK_M rows (a
 sub-tile past its expert's last row returns at once), so no second table is built.
 W4BIT: the weight is bitsandbytes' 4-bit storage (``w_ptr`` its packed bytes, the strides those of the dense
-weight it holds, ``wq_*`` its scales and code books: ``dequant4bit.load_4bit``), dequantized tile by tile as it
-is loaded; no dense copy of it exists.
+weight it holds, ``wq_*`` its scales and code books: ``dequant4bit.load_4bit_tile``), dequantized tile by tile as
+it is loaded; no dense copy of it exists.
 """
 
 import triton
 import triton.language as tl
 
-from .dequant4bit import load_4bit, tile_blocks
+from .dequant4bit import load_4bit_tile
 from .lora import add_lora
 
 
@@ -55,19 +55,17 @@ def down_dgrad_dswiglu_kernel(
     ks = tl.arange(0, BLOCK_K)
 
     dout_rows = dout_ptr + tokens[:, None] * stride_dt
-    w_at = expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wi  # element offsets
-    w_cols = w_ptr + w_at
+    w_cols = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wi
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, H, BLOCK_K):
         k = k0 + ks
         k_mask = k < H
         a = tl.load(dout_rows + k[None, :] * stride_dh, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        if W4BIT:  # the output columns (I) are the contiguous dimension
-            block, block_mask = tile_blocks(w_at, expert.to(tl.int64) * stride_we + col_block * BLOCK_N * stride_wi,
-                                            k0, k, k_mask, col_mask, stride_wh, False, BLOCK_K, BLOCK_N, W4_BLOCK)
-            b = load_4bit(w_ptr, wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr,
-                          w_at + k[:, None].to(tl.int64) * stride_wh, k_mask[:, None] & col_mask[None, :], block,
-                          block_mask, W4_BLOCK, W4_NESTED, W4_BLOCK2).to(dout_ptr.dtype.element_ty)
+        if W4BIT:  # tiles [H, output columns] along the weight's contiguous I
+            b = load_4bit_tile(w_ptr, wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr,
+                               expert.to(tl.int64) * stride_we + k.to(tl.int64) * stride_wh, k_mask,
+                               col_block * BLOCK_N, I, BLOCK_K, BLOCK_N, W4_BLOCK, W4_NESTED,
+                               W4_BLOCK2).to(dout_ptr.dtype.element_ty)
         else:
             b = tl.load(w_cols + k[:, None].to(tl.int64) * stride_wh, mask=k_mask[:, None] & col_mask[None, :],
                         other=0.0)

@@ -7,14 +7,14 @@ Both accumulators share the gathered x tile; x is read through the gather index,
 Writes z [TK, 2I] (kept for backward) and h [TK, I] (input of the down projection), in x's dtype; the rows
 of dropped pairs (tiles with expert -2) get zeros in z, so the output is defined everywhere.
 W4BIT: the weight is bitsandbytes' 4-bit storage (``w_ptr`` its packed bytes, the strides those of the dense
-weight it holds, ``wq_*`` its scales and code books: ``dequant4bit.load_4bit``), dequantized tile by tile as it
-is loaded; no dense copy of it exists.
+weight it holds, ``wq_*`` its scales and code books: ``dequant4bit.load_4bit_tile``), dequantized tile by tile as
+it is loaded; no dense copy of it exists.
 """
 
 import triton
 import triton.language as tl
 
-from .dequant4bit import load_4bit, tile_blocks
+from .dequant4bit import load_4bit_tile
 from .lora import add_lora
 
 
@@ -52,8 +52,8 @@ def gate_up_swiglu_kernel(
     ks = tl.arange(0, BLOCK_K)
 
     x_rows = x_ptr + tokens[:, None] * stride_xt
-    w_gate_at = expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn  # element offsets
-    w_gate = w_ptr + w_gate_at
+    w_row_at = expert.to(tl.int64) * stride_we + cols.to(tl.int64) * stride_wn  # element offsets of W1[e, cols]
+    w_gate = w_ptr + w_row_at[None, :]
     w_up = w_gate + I * stride_wn
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
@@ -62,16 +62,13 @@ def gate_up_swiglu_kernel(
         k_mask = k < H
         a = tl.load(x_rows + k[None, :] * stride_xh, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w_mask = k_mask[:, None] & col_mask[None, :]
-        if W4BIT:  # the reduction dimension H is the contiguous one
-            at = w_gate_at + k[:, None] * stride_wk
-            block, block_mask = tile_blocks(w_gate_at, 0, k0, k, k_mask, col_mask, stride_wk, True, BLOCK_K, BLOCK_N,
-                                            W4_BLOCK)
-            b_gate = load_4bit(w_ptr, wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr, at,
-                               w_mask, block, block_mask, W4_BLOCK, W4_NESTED, W4_BLOCK2).to(x_ptr.dtype.element_ty)
-            up_blocks = I * stride_wn // W4_BLOCK
-            b_up = load_4bit(w_ptr, wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr,
-                             at + I * stride_wn, w_mask, block + up_blocks, block_mask, W4_BLOCK, W4_NESTED,
-                             W4_BLOCK2).to(x_ptr.dtype.element_ty)
+        if W4BIT:  # tiles [output columns, H] (H is the weight's contiguous dimension), transposed for the dot
+            b_gate = tl.trans(load_4bit_tile(w_ptr, wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr,
+                                             wq_offset_ptr, w_row_at, col_mask, k0, H, BLOCK_N, BLOCK_K, W4_BLOCK,
+                                             W4_NESTED, W4_BLOCK2).to(x_ptr.dtype.element_ty))
+            b_up = tl.trans(load_4bit_tile(w_ptr, wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr,
+                                           wq_offset_ptr, w_row_at + I * stride_wn, col_mask, k0, H, BLOCK_N, BLOCK_K,
+                                           W4_BLOCK, W4_NESTED, W4_BLOCK2).to(x_ptr.dtype.element_ty))
         else:
             b_gate = tl.load(w_gate + k[:, None] * stride_wk, mask=w_mask, other=0.0)
             b_up = tl.load(w_up + k[:, None] * stride_wk, mask=w_mask, other=0.0)

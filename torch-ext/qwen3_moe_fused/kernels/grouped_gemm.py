@@ -8,12 +8,15 @@ B[e] is addressed through strides, so the same kernel computes
                       (SCALE: the adapter's scale s applied to the fp32 accumulator, one rounding).
 a's rows are addressed by stride; c [TK, N] and la [TK, LORA_R] are contiguous, in expert order. The rows of
 dropped pairs (tiles with expert -2) get zeros, so c is defined everywhere.
+W4BIT: b is bitsandbytes' 4-bit storage of B's weight (``b_ptr`` its packed bytes, the strides those of the dense
+weight, ``wq_*`` its scales and code books), read with ``dequant4bit.load_4bit_tile`` along its contiguous dimension
+(W4_K_CONTIG: K, as in the down projection; else N, as in dX); no dense copy of it exists.
 """
 
 import triton
 import triton.language as tl
 
-from .dequant4bit import load_4bit, tile_blocks
+from .dequant4bit import load_4bit_tile
 from .lora import add_lora
 
 
@@ -54,20 +57,22 @@ def grouped_gemm_kernel(
     else:
         a_index = rows.to(tl.int64)
     a_rows = a_ptr + a_index[:, None] * stride_at
-    b_at = expert.to(tl.int64) * stride_be + cols[None, :].to(tl.int64) * stride_bn  # element offsets
-    b_cols = b_ptr + b_at
+    b_col_at = expert.to(tl.int64) * stride_be + cols.to(tl.int64) * stride_bn  # element offsets of B[e][0, cols]
+    b_cols = b_ptr + b_col_at[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, KA, BLOCK_K):
         k = k0 + ks
         k_mask = k < KA
         a = tl.load(a_rows + k[None, :] * stride_ak, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        if W4BIT:
-            block, block_mask = tile_blocks(b_at, expert.to(tl.int64) * stride_be + col_block * BLOCK_N * stride_bn,
-                                            k0, k, k_mask, col_mask, stride_bk, W4_K_CONTIG, BLOCK_K, BLOCK_N,
-                                            W4_BLOCK)
-            b = load_4bit(b_ptr, wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr,
-                          b_at + k[:, None] * stride_bk, k_mask[:, None] & col_mask[None, :], block, block_mask,
-                          W4_BLOCK, W4_NESTED, W4_BLOCK2).to(a_ptr.dtype.element_ty)
+        if W4BIT and W4_K_CONTIG:  # tiles [output columns, K] along the weight's contiguous K, transposed
+            b = tl.trans(load_4bit_tile(b_ptr, wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr,
+                                        b_col_at, col_mask, k0, KA, BLOCK_N, BLOCK_K, W4_BLOCK, W4_NESTED,
+                                        W4_BLOCK2).to(a_ptr.dtype.element_ty))
+        elif W4BIT:  # tiles [K, output columns] along the weight's contiguous N
+            b = load_4bit_tile(b_ptr, wq_absmax_ptr, wq_code_ptr, wq_absmax2_ptr, wq_code2_ptr, wq_offset_ptr,
+                               expert.to(tl.int64) * stride_be + k.to(tl.int64) * stride_bk, k_mask,
+                               col_block * BLOCK_N, N, BLOCK_K, BLOCK_N, W4_BLOCK, W4_NESTED,
+                               W4_BLOCK2).to(a_ptr.dtype.element_ty)
         else:
             b = tl.load(b_cols + k[:, None] * stride_bk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
