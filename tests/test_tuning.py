@@ -15,7 +15,7 @@ from test_kernels import (
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KINDS = ("gate_up", "grouped_gemm", "grouped_gemm_4bit", "thin", "dgrad", "wgrad")
+KINDS = ("gate_up", "gate_up_4bit", "grouped_gemm", "grouped_gemm_4bit", "thin", "dgrad", "wgrad")
 
 
 def _candidate(kernel, i):

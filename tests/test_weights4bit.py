@@ -73,7 +73,7 @@ def test_experts_on_4bit_weights_match_the_reference_on_their_dequantized_weight
     from test_lora import Allocations
 
     wide = kernel.tuning._config(128, 128 * dtype.itemsize // 2, 4, 1)  # BLOCK_K 128 for this dtype
-    forced = kernel.tuning.forced(gate_up=wide, grouped_gemm_4bit=wide, dgrad=wide) if tiles == "across-blocks" \
+    forced = kernel.tuning.forced(gate_up_4bit=wide, grouped_gemm_4bit=wide, dgrad=wide) if tiles == "across-blocks" \
         else contextlib.nullcontext()
 
     x, index, weights, dense, grad_out = _experts_problem(dtype, 30 + nested)

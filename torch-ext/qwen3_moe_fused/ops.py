@@ -241,7 +241,7 @@ def _experts_forward(
         )
 
     key = (I, H, lora_args["LORA_R"], block_m, tuning.rows_bucket(T * K, E), *(("4bit",) if gate_up_q else ()))
-    tuning.choose("gate_up", key, hidden.dtype, launch, I)
+    tuning.choose("gate_up_4bit" if gate_up_q else "gate_up", key, hidden.dtype, launch, I)
     if down_a is not None:
         ha = _grouped_gemm(h, down_a, 2, 1, routing, block_m, scale=down_scale)
     y = _grouped_gemm(h, down_proj, 2, 1, routing, block_m, lora=(ha, down_b, 1, 2) if ha is not None else None,

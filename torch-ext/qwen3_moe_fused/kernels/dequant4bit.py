@@ -25,8 +25,10 @@ def _scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask, NESTED: 
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0) \
             + tl.load(offset_ptr)
-        return tl.where(mask, scale, 0.0)
-    return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        scale = tl.where(mask, scale, 0.0)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return scale
 
 
 @triton.jit
