@@ -174,6 +174,35 @@ def test_dequantize_4bit_gives_dense_experts_back(kernel, bnb_peft):
             assert type(q) is torch.nn.Parameter and torch.equal(p, q), name
 
 
+def test_4bit_experts_state_dict_is_bitsandbytes_layout_and_loads_back_bit_for_bit(kernel, bnb_peft, tmp_path):
+    """The state dict holds each 4-bit experts weight as bitsandbytes' Linear4bit does (packed bytes [n/2, 1]
+    plus its QuantState entries), safetensors saves it, and load_state_dict into another 4-bit model of the same
+    architecture restores the storage bit for bit (and so the logits)."""
+    from safetensors.torch import load_file, save_file
+
+    quantized, _, _ = _models(kernel, bnb_peft, seed=8)
+    other = quantize_4bit(make_model(seed=9, moe_intermediate_size=64).to(DEVICE), _config(), device=DEVICE)
+    state = quantized.state_dict()
+    key = next(k for k in state if k.endswith("experts.gate_up_proj"))
+    weight = quantized.get_parameter(key).weight4bit
+    assert state[key].dtype == torch.uint8 and tuple(state[key].shape) == (weight.numel // 2, 1)
+    assert {k[len(key) + 1:] for k in state if k.startswith(key + ".")} == {
+        "absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4"}
+    state_back = bnb_peft.functional.QuantState.from_dict({k[len(key) + 1:]: v for k, v in state.items()
+                                                           if k.startswith(key + ".")}, device=DEVICE)
+    assert torch.equal(bnb_peft.functional.dequantize_4bit(state[key], state_back),
+                       kernel.weights4bit.dequantize(weight))  # bitsandbytes reads what we wrote
+    save_file(state, tmp_path / "model.safetensors")
+    result = other.load_state_dict(load_file(tmp_path / "model.safetensors", device=DEVICE), strict=False)
+    assert result.missing_keys == []
+    # bitsandbytes' Linear4bit does not read its quant-state entries back through load_state_dict (transformers'
+    # bnb loader does); the experts' entries are all consumed
+    assert result.unexpected_keys and all(".experts." not in k for k in result.unexpected_keys)
+    for name in (k for k in state if k.endswith(tuple(EXPERTS))):
+        a, b = quantized.get_parameter(name).weight4bit, other.get_parameter(name).weight4bit
+        assert all(torch.equal(x, y) for x, y in zip(a, b) if isinstance(x, torch.Tensor)), name
+
+
 def test_quantize_4bit_refuses_what_it_cannot_hold(kernel, bnb_peft):
     from transformers import BitsAndBytesConfig
 

@@ -14,6 +14,13 @@ block size 64 as transformers uses). Each weight is moved to ``device`` and quan
 GPU never holds more than one dense weight: a model built on the meta device or on the CPU can be quantized
 piece by piece (``presets.make_model_piecewise`` does that for the random-weight presets). Then PEFT LoRA and
 ``patch_qwen3_moe`` work as on the dense model; the fused kernels dequantize each 4-bit tile as they load it.
+
+Checkpoints: the state dict of a quantized experts module holds each 4-bit weight as bitsandbytes' ``Linear4bit``
+does (so as transformers writes bnb checkpoints): the packed bytes under the weight's name, shaped [n / 2, 1],
+and bitsandbytes' ``QuantState.as_dict(packed=True)`` entries beside it (``<name>.absmax``, ``.quant_map``,
+``.nested_absmax``, ``.nested_quant_map``, ``.quant_state.bitsandbytes__nf4``); ``load_state_dict`` into a
+quantized model reads them back bit for bit. ``save_pretrained`` of a quantized model therefore writes the 4-bit
+model (≈ 16 GB for Qwen3-30B-A3B).
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["dequantize_4bit", "quantize_4bit"]
+
+_hooked = None  # experts module -> its state-dict hook handles (a WeakKeyDictionary, made on first use)
 
 logger = logging.getLogger("qwen3_moe_patch")
 
@@ -80,6 +89,63 @@ def _check_not_adapted(model):
                          "(as QLoRA does), so that the adapters stay in the compute dtype")
 
 
+def _quant_state(bnb, weight):
+    """bitsandbytes' ``QuantState`` of a ``Weight4bit`` (its own tensors, not copies)."""
+    import torch
+
+    quant_type = next((q for q in ("nf4", "fp4") if torch.equal(
+        bnb.functional.get_4bit_type(q, device=weight.code.device).float(), weight.code)), None)
+    if quant_type is None:
+        raise ValueError("a 4-bit experts weight whose code book is neither NF4 nor FP4 cannot be saved in "
+                         "bitsandbytes' layout")
+    state2 = bnb.functional.QuantState(absmax=weight.absmax2, code=weight.code2, blocksize=weight.blocksize2,
+                                       dtype=torch.float32) if weight.nested else None
+    return bnb.functional.QuantState(absmax=weight.absmax, shape=torch.Size(weight.shape), code=weight.code,
+                                     blocksize=weight.blocksize, quant_type=quant_type, dtype=weight.dtype,
+                                     offset=weight.offset, state2=state2)
+
+
+def _save_4bit(module, state_dict, prefix, local_metadata):
+    """state-dict post-hook of an experts module: 4-bit weights in bitsandbytes' checkpoint layout."""
+    from .experts_interface import current_kernel
+
+    kernel, bnb = current_kernel(), bitsandbytes_module()
+    for name in EXPERT_WEIGHTS:
+        value = state_dict.get(prefix + name)
+        if isinstance(value, kernel.Tensor4bit):
+            weight = value.weight4bit
+            state_dict[prefix + name] = weight.packed.detach().reshape(-1, 1)
+            for key, item in _quant_state(bnb, weight).as_dict(packed=True).items():
+                state_dict[f"{prefix}{name}.{key}"] = item.detach()
+
+
+def _load_4bit(module, state_dict, prefix, *args):
+    """load-state-dict pre-hook of an experts module: bitsandbytes' layout back to a ``Tensor4bit``, which
+    ``copy_`` writes into the module's (same layout; anything else is the usual size-mismatch error)."""
+    from .experts_interface import current_kernel
+
+    kernel, bnb = current_kernel(), bitsandbytes_module()
+    for name in EXPERT_WEIGHTS:
+        key = prefix + name
+        stats = {k[len(key) + 1:]: k for k in state_dict if k.startswith(key + ".")}
+        if key in state_dict and any(k.startswith("quant_state.bitsandbytes__") for k in stats):
+            state = bnb.functional.QuantState.from_dict({k: state_dict.pop(full) for k, full in stats.items()},
+                                                        device=state_dict[key].device)
+            state_dict[key] = kernel.Tensor4bit(kernel.weights4bit.from_bnb(state_dict[key], state))
+
+
+def _hook(experts):
+    """Give an experts module the 4-bit state-dict hooks (once)."""
+    global _hooked
+    import weakref
+
+    if _hooked is None:
+        _hooked = weakref.WeakKeyDictionary()
+    if experts not in _hooked:
+        _hooked[experts] = (experts.register_state_dict_post_hook(_save_4bit),
+                            experts.register_load_state_dict_pre_hook(_load_4bit))
+
+
 def quantize_4bit(model: nn.Module, quantization_config=None, *, device=None) -> nn.Module:
     """Quantize ``model`` in place (see the module docstring) on ``device`` (default: CUDA if available, else the
     weights' own device) and return it. Weights already in 4-bit are left as they are; the dense ones are freed
@@ -111,6 +177,7 @@ def quantize_4bit(model: nn.Module, quantization_config=None, *, device=None) ->
         del dense, weight
         stored = kernel.Tensor4bit(kernel.weights4bit.from_bnb(packed, state))
         setattr(experts, weight_name, nn.Parameter(stored, requires_grad=False))
+        _hook(experts)
         experts_count += 1
     for name, module in list(model.named_modules()):
         if not name or type(module) is not nn.Linear or any(name == s or name.endswith(f".{s}") for s in skip):
@@ -148,4 +215,7 @@ def dequantize_4bit(model: nn.Module) -> nn.Module:
             if isinstance(weight, kernel.Tensor4bit):
                 setattr(experts, weight_name, nn.Parameter(kernel.dequantize_4bit(weight.weight4bit),
                                                            requires_grad=False))
+        if _hooked is not None and experts in _hooked:
+            for handle in _hooked.pop(experts):
+                handle.remove()
     return model
