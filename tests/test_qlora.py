@@ -203,6 +203,40 @@ def test_4bit_experts_state_dict_is_bitsandbytes_layout_and_loads_back_bit_for_b
         assert all(torch.equal(x, y) for x, y in zip(a, b) if isinstance(x, torch.Tensor)), name
 
 
+def test_from_pretrained_quantizes_the_experts_as_it_loads(kernel, bnb_peft, tmp_path):
+    """``from_pretrained(..., quantization_config=experts_4bit(config))`` on a dense checkpoint (saved by
+    transformers in its per-expert layout) gives the model ``quantize_4bit`` makes of the dense model: every
+    4-bit tensor bit for bit, the same logits; the quantized model refuses save_pretrained with transformers'
+    clear error."""
+    from transformers import AutoModelForCausalLM
+
+    from qwen3_moe_patch import experts_4bit
+
+    dense = make_model(seed=10, moe_intermediate_size=64)
+    dense.save_pretrained(tmp_path / "dense")
+    want = quantize_4bit(copy.deepcopy(dense), _config(), device=DEVICE)
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=experts_4bit(_config()),
+                                               device_map=DEVICE, dtype=torch.float32)
+    names = [n for n, _ in want.named_parameters()]
+    assert names == [n for n, _ in got.named_parameters()]
+    for name in names:
+        a, b = want.get_parameter(name), got.get_parameter(name)
+        assert type(a) is type(b), name
+        if isinstance(a, kernel.Tensor4bit):
+            assert all(torch.equal(x, y) for x, y in zip(a.weight4bit, b.weight4bit) if isinstance(x, torch.Tensor))
+        else:
+            assert torch.equal(a, b), name
+    assert sum(isinstance(p, kernel.Tensor4bit) for p in got.parameters()) == 2 * len(got.model.layers)
+    patch_qwen3_moe(want, kernel=kernel)
+    patch_qwen3_moe(got, kernel=kernel)
+    want.eval()  # as from_pretrained leaves a model (bitsandbytes' CPU Linear4bit takes another path in eval mode)
+    ids = _ids(10).to(DEVICE)
+    with torch.no_grad():
+        assert torch.equal(want(input_ids=ids).logits, got(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="not serializable"):
+        got.save_pretrained(tmp_path / "4bit")
+
+
 def test_quantize_4bit_refuses_what_it_cannot_hold(kernel, bnb_peft):
     from transformers import BitsAndBytesConfig
 

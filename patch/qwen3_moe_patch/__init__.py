@@ -11,11 +11,13 @@ import sys
 from .experts_interface import IMPLEMENTATION_NAME, register_experts_implementation
 from .patch import PatchReport, find_moe_blocks, patch_qwen3_moe, unpatch_qwen3_moe
 from .quantize import dequantize_4bit, quantize_4bit
+from .quantizer import experts_4bit
 
 __all__ = [
     "IMPLEMENTATION_NAME",
     "PatchReport",
     "dequantize_4bit",
+    "experts_4bit",
     "find_moe_blocks",
     "patch_qwen3_moe",
     "quantize_4bit",
