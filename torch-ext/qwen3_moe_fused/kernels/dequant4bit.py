@@ -8,8 +8,8 @@ add are separately rounded). ``offset_ptr`` points to the nested scales' float32
 
 ``load_4bit_tile`` is how a GEMM reads its weight tile: the packed bytes of the tile as a 2-D tile along the
 weight's contiguous dimension (coalesced, vectorised loads, one byte per two elements), split into nibbles in
-registers, and one scale per tile row where the tile's columns lie inside one block; no dequantized copy of the
-weight exists. ``dequantize_4bit_kernel`` writes one (for saving or merging), rounded once to the output's dtype,
+registers and decoded there (a select tree over the code book), and one scale per tile row where the tile's columns
+lie inside one block; no dequantized copy of the weight exists. ``dequantize_4bit_kernel`` writes one (for saving or merging), rounded once to the output's dtype,
 element by element (any numel).
 """
 
@@ -32,6 +32,22 @@ def _scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask, NESTED: 
 
 
 @triton.jit
+def _code_value(code_ptr, nibbles):
+    """code[nibbles] (float32) by a tree of selects over the book's 16 entries, in registers: a gather from the
+    book in memory would be software-pipelined like a tile load, one 4-byte asynchronous copy per element."""
+    b0, b1, b2, b3 = (nibbles & 1) != 0, (nibbles & 2) != 0, (nibbles & 4) != 0, (nibbles & 8) != 0
+    low = tl.where(b2, tl.where(b1, tl.where(b0, tl.load(code_ptr + 7), tl.load(code_ptr + 6)),
+                                tl.where(b0, tl.load(code_ptr + 5), tl.load(code_ptr + 4))),
+                   tl.where(b1, tl.where(b0, tl.load(code_ptr + 3), tl.load(code_ptr + 2)),
+                            tl.where(b0, tl.load(code_ptr + 1), tl.load(code_ptr + 0))))
+    high = tl.where(b2, tl.where(b1, tl.where(b0, tl.load(code_ptr + 15), tl.load(code_ptr + 14)),
+                                 tl.where(b0, tl.load(code_ptr + 13), tl.load(code_ptr + 12))),
+                    tl.where(b1, tl.where(b0, tl.load(code_ptr + 11), tl.load(code_ptr + 10)),
+                             tl.where(b0, tl.load(code_ptr + 9), tl.load(code_ptr + 8))))
+    return tl.where(b3, high, low)
+
+
+@triton.jit
 def load_4bit_tile(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, row_at, row_mask, c0,
                    C_TOTAL, R: tl.constexpr, C: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
                    BLOCKSIZE2: tl.constexpr):
@@ -43,7 +59,7 @@ def load_4bit_tile(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, off
     byte_mask = row_mask[:, None] & (c0 + 2 * j < C_TOTAL)[None, :]
     packed = tl.load(packed_ptr + (row_at[:, None] // 2 + c0 // 2 + j[None, :]), mask=byte_mask, other=0)
     nibbles = tl.reshape(tl.join(packed >> 4, packed & 15), (R, C))  # element 2j: high nibble of byte j
-    values = tl.load(code_ptr + nibbles.to(tl.int32))
+    values = _code_value(code_ptr, nibbles)
     c = c0 + tl.arange(0, C)
     mask = row_mask[:, None] & (c < C_TOTAL)[None, :]
     if BLOCKSIZE % C == 0:
