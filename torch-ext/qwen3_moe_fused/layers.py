@@ -24,6 +24,8 @@ forward starts.
 """
 
 import logging
+import os
+import sys
 
 import torch
 from torch import nn
@@ -64,9 +66,10 @@ def _say_once(key, message, *args):
 
 class _LoraCheckStandIn(torch.overrides.TorchFunctionMode):
     """From the block's call of PEFT-wrapped experts until their forward starts (``end()``): the first
-    ``torch.baddbmm`` whose input is one of ``weights`` (the evaluation ``register_parametrization`` makes of PEFT's
-    factor proxy to check its result's shape and dtype, then discards) gets a stand-in of that shape and dtype
-    that holds no memory; every other call runs as called."""
+    ``torch.baddbmm`` on each of ``weights`` made inside torch's parametrization check (``ParametrizationList``'s
+    ``__init__`` evaluates PEFT's factor proxy to check its result's shape and dtype, then discards it) gets a
+    stand-in of that shape and dtype that holds no memory; every other call, a read of the parametrized weight
+    included, runs as called."""
 
     def __init__(self, weights):
         super().__init__()
@@ -74,7 +77,7 @@ class _LoraCheckStandIn(torch.overrides.TorchFunctionMode):
         self.ended = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.baddbmm and args and self.pending.get(id(args[0])) is args[0]:
+        if func is torch.baddbmm and args and self.pending.get(id(args[0])) is args[0] and _in_registration_check():
             weight = self.pending.pop(id(args[0]))
             return torch.empty((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
         return func(*args, **(kwargs or {}))
@@ -91,6 +94,20 @@ class _LoraCheckStandIn(torch.overrides.TorchFunctionMode):
             super().__exit__(*exc)
 
 
+def _in_registration_check(depth=12):
+    """Whether the caller runs inside ``ParametrizationList.__init__`` (torch's check of a new parametrization),
+    not a read of the parametrized weight."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "__init__" and frame.f_code.co_filename.endswith(_PARAMETRIZE_FILE):
+            return True
+        frame = frame.f_back
+    return False
+
+
+_PARAMETRIZE_FILE = os.path.join("nn", "utils", "parametrize.py")
 _open_stand_ins = []  # the stand-in modes of the block calls in flight, innermost last
 
 
