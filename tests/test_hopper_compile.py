@@ -33,4 +33,4 @@ def test_every_launch_compiles_for_hopper_and_the_defaults_fit(build_dir):
             fits[(r["kernel"], r["k_contig"])].append(r["shared"] <= HOPPER_SHARED)
     assert set(fits) == {("gate_up_swiglu_kernel", False), ("down_dgrad_dswiglu_kernel", False),
                          ("grouped_gemm_kernel", True), ("grouped_gemm_kernel", False)}  # dX: N contiguous
-    assert all(len(f) >= 2 for f in fits.values())
+    assert all(len(f) > 1 and any(f) for f in fits.values())  # several candidates compiled, one at least fits

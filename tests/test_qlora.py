@@ -235,6 +235,10 @@ def test_from_pretrained_quantizes_the_experts_as_it_loads(kernel, bnb_peft, tmp
         assert torch.equal(want(input_ids=ids).logits, got(input_ids=ids).logits)
     with pytest.raises(ValueError, match="not serializable"):
         got.save_pretrained(tmp_path / "4bit")
+    make_model(seed=10).save_pretrained(tmp_path / "rows32")  # the tiny preset's experts: rows of 32
+    with pytest.raises(ValueError, match="multiple of 64.*without qwen3_moe_fused_4bit"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "rows32", quantization_config=experts_4bit(_config()),
+                                             device_map=DEVICE, dtype=torch.float32)
 
 
 def test_quantize_4bit_refuses_what_it_cannot_hold(kernel, bnb_peft):

@@ -19,8 +19,9 @@ Checkpoints: the state dict of a quantized experts module holds each 4-bit weigh
 does (so as transformers writes bnb checkpoints): the packed bytes under the weight's name, shaped [n / 2, 1],
 and bitsandbytes' ``QuantState.as_dict(packed=True)`` entries beside it (``<name>.absmax``, ``.quant_map``,
 ``.nested_absmax``, ``.nested_quant_map``, ``.quant_state.bitsandbytes__nf4``); ``load_state_dict`` into a
-quantized model reads them back bit for bit. ``save_pretrained`` of a quantized model therefore writes the 4-bit
-model (≈ 16 GB for Qwen3-30B-A3B).
+quantized model reads them back bit for bit (bitsandbytes' ``Linear4bit`` does not read its own entries back that
+way; transformers' loader does). ``save_pretrained`` cannot write the 4-bit experts: transformers 5 writes stacked
+experts back per expert, which packed 4-bit rows are not; ``dequantize_4bit`` first for a dense checkpoint.
 """
 
 from __future__ import annotations
@@ -105,6 +106,26 @@ def _quant_state(bnb, weight):
                                      offset=weight.offset, state2=state2)
 
 
+def check_whole_blocks(what, shape, otherwise):
+    """Refuse an experts weight whose rows do not hold whole 64-element blocks (the kernels read a row's blocks)."""
+    if shape[-1] % BLOCKSIZE:
+        raise ValueError(f"{what} {tuple(shape)}: 4-bit experts need its last dimension a multiple of {BLOCKSIZE} "
+                         f"(every row holds whole blocks); {otherwise}")
+
+
+def to_tensor4bit(dense, quant_type, nested):
+    """The frozen ``Tensor4bit`` parameter of a dense experts weight: bitsandbytes' ``quantize_4bit`` of it on its
+    device (block size 64, uint8 storage)."""
+    import torch
+
+    from .experts_interface import current_kernel
+
+    kernel, bnb = current_kernel(), bitsandbytes_module()
+    packed, state = bnb.functional.quantize_4bit(dense, blocksize=BLOCKSIZE, compress_statistics=nested,
+                                                 quant_type=quant_type, quant_storage=torch.uint8)
+    return torch.nn.Parameter(kernel.Tensor4bit(kernel.weights4bit.from_bnb(packed, state)), requires_grad=False)
+
+
 def _save_4bit(module, state_dict, prefix, local_metadata):
     """state-dict post-hook of an experts module: 4-bit weights in bitsandbytes' checkpoint layout."""
     from .experts_interface import current_kernel
@@ -164,19 +185,15 @@ def quantize_4bit(model: nn.Module, quantization_config=None, *, device=None) ->
     todo = [(experts, weight_name) for _, experts in _experts_modules(model) for weight_name in EXPERT_WEIGHTS
             if not isinstance(getattr(experts, weight_name), kernel.Tensor4bit)]
     for experts, weight_name in todo:  # checked before anything changes
-        shape = tuple(getattr(experts, weight_name).shape)
-        if shape[-1] % BLOCKSIZE:
-            raise ValueError(f"experts weight {weight_name} {shape}: 4-bit experts need its last dimension a "
-                             f"multiple of {BLOCKSIZE} (every row holds whole blocks); this model cannot be quantized")
+        check_whole_blocks(f"experts weight {weight_name}", getattr(experts, weight_name).shape,
+                           "this model cannot be quantized")
     experts_count = linear_count = 0
     for experts, weight_name in todo:
         weight = getattr(experts, weight_name)
         dense = weight.detach().to(device or weight.device)
-        packed, state = bnb.functional.quantize_4bit(dense, blocksize=BLOCKSIZE, compress_statistics=nested,
-                                                     quant_type=quant_type, quant_storage=torch.uint8)
-        del dense, weight
-        stored = kernel.Tensor4bit(kernel.weights4bit.from_bnb(packed, state))
-        setattr(experts, weight_name, nn.Parameter(stored, requires_grad=False))
+        del weight
+        setattr(experts, weight_name, to_tensor4bit(dense, quant_type, nested))
+        del dense
         _hook(experts)
         experts_count += 1
     for name, module in list(model.named_modules()):

@@ -26,15 +26,13 @@ def _define():
     global _classes
     if _classes is not None:
         return _classes
-    import torch
     from transformers import BitsAndBytesConfig
     from transformers.integrations.bitsandbytes import Bnb4bitQuantize
     from transformers.quantizers.auto import register_quantization_config, register_quantizer
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
     from transformers.quantizers.quantizers_utils import get_module_from_name
 
-    from .experts_interface import current_kernel
-    from .quantize import BLOCKSIZE, EXPERT_WEIGHTS, _experts_modules, _hook, _settings, bitsandbytes_module
+    from .quantize import EXPERT_WEIGHTS, _experts_modules, _hook, _settings, check_whole_blocks, to_tensor4bit
 
     @register_quantization_config(METHOD)
     class Experts4bitConfig(BitsAndBytesConfig):
@@ -53,15 +51,10 @@ def _define():
             result = super().convert({n: v for n, v in input_dict.items() if n not in experts},
                                      full_layer_name=full_layer_name, model=model, **kwargs)
             quant_type, nested, _, _ = _settings(self.hf_quantizer.quantization_config)
-            kernel, bnb = current_kernel(), bitsandbytes_module()
             for name, value in experts.items():
                 value = value[0] if isinstance(value, list) else value
-                dense = value.to(model.get_parameter(name).dtype)
-                packed, state = bnb.functional.quantize_4bit(dense, blocksize=BLOCKSIZE, compress_statistics=nested,
-                                                             quant_type=quant_type, quant_storage=torch.uint8)
-                del dense, value
-                result[name] = torch.nn.Parameter(kernel.Tensor4bit(kernel.weights4bit.from_bnb(packed, state)),
-                                                  requires_grad=False)
+                result[name] = to_tensor4bit(value.to(model.get_parameter(name).dtype), quant_type, nested)
+                del value
                 get_module_from_name(model, name)[0]._is_hf_initialized = True
             return result
 
@@ -86,10 +79,8 @@ def _define():
         def _process_model_before_weight_loading(self, model, device_map, **kwargs):
             for name, experts in _experts_modules(model):
                 for weight_name in EXPERT_WEIGHTS:
-                    shape = tuple(getattr(experts, weight_name).shape)
-                    if shape[-1] % BLOCKSIZE:
-                        raise ValueError(f"{name}.experts.{weight_name} {shape}: 4-bit experts need its last dimension "
-                                         f"a multiple of {BLOCKSIZE}; load this model without {METHOD}")
+                    check_whole_blocks(f"{name}.experts.{weight_name}", getattr(experts, weight_name).shape,
+                                       f"load this model without {METHOD}")
             super()._process_model_before_weight_loading(model, device_map, **kwargs)
 
         def _process_model_after_weight_loading(self, model, **kwargs):

@@ -112,8 +112,9 @@ _open_stand_ins = []  # the stand-in modes of the block calls in flight, innermo
 
 
 def call_experts(experts, hidden, top_k_index, top_k_weights):
-    """``experts(hidden, top_k_index, top_k_weights)``, as a module call; where PEFT wraps the experts module
-    (its ``base_layer``), under ``_LoraCheckStandIn`` for the base module's weights."""
+    """``experts(hidden, top_k_index, top_k_weights)``, as a module call (every hook fires); where PEFT wraps the
+    experts module (its ``base_layer``), under ``_LoraCheckStandIn`` for the base module's two weights, which it
+    names by identity only (nothing is read from them or changed)."""
     base = experts
     while isinstance(getattr(base, "base_layer", None), nn.Module):
         base = base.base_layer
