@@ -5,7 +5,10 @@
 # on the same (unquantized) weights. Each row is its own process under its own timeout; then one table.
 # LAYER=1 first times one experts layer (30B shape, LoRA r16) on bf16 vs NF4 experts, with a per-kernel profile.
 # Usage (GPU machine, repository root, wheels of kernels/tomlkit/liger-kernel/bitsandbytes in .whl):
-#   [ROWS="qlora-liger:2048 lora-liger:2048 qlora:2048"] [STEPS=12] [CAP=22] [TESTS=1] [TEST_TARGETS=... TEST_K=...] [LAYER=0] bash benchmarks/qlora.sh
+# SWEEP=1 last runs sweep_configs.py --nf4 (the 4-bit kinds' candidates and the M-tile height, SWEEP_KINDS) at
+# SWEEP_TOKENS. TESTS_AUTOTUNE=0 runs the tests at the default configs (the sweep checks the other candidates).
+#   [ROWS="qlora-liger:2048 lora-liger:2048 qlora:2048"] [STEPS=12] [CAP=22] [TESTS=1] [TEST_TARGETS=... TEST_K=...]
+#   [TESTS_AUTOTUNE=1] [LAYER=0] [SWEEP=0] bash benchmarks/qlora.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/runs
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -21,7 +24,7 @@ if [ "${LAYER:-0}" = 1 ]; then
 fi
 if [ "${TESTS:-1}" = 1 ]; then
   SECONDS=0
-  timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest ${TEST_TARGETS:-tests/test_weights4bit.py tests/test_qlora.py} \
+  QWEN3_MOE_FUSED_AUTOTUNE=${TESTS_AUTOTUNE:-1} timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest ${TEST_TARGETS:-tests/test_weights4bit.py tests/test_qlora.py} \
     ${TEST_K:+-k "$TEST_K"} -q -p no:cacheprovider -rs --tb=short > "$OUT/qlora_tests.log" 2>&1
   echo "tests exit $? (${SECONDS} s)"; grep -E "passed|failed|error|^(FAILED|ERROR)|^E  " "$OUT/qlora_tests.log" | head -12
 fi
@@ -49,5 +52,12 @@ except (OSError, KeyError, IndexError):
 print(f"  {r['tokens_per_second']:.0f} tok/s, peak {r['peak_mib']:.0f} MiB, losses {r['losses'][0]:.3f}->{r['losses'][-1]:.3f}, memory {r.get('memory_mib')}")
 PY
 done
+if [ "${SWEEP:-0}" = 1 ]; then
+  SECONDS=0
+  python3 -m qwen3_moe_patch.cli build --out build > /dev/null &&
+    timeout "${SWEEP_TIMEOUT:-240}" python3 benchmarks/sweep_configs.py --build build --nf4 --tokens ${SWEEP_TOKENS:-2048} \
+      ${SWEEP_KINDS:+--kinds $SWEEP_KINDS} --out "$OUT/sweep_nf4.json" > "$OUT/sweep_nf4.log" 2>&1
+  echo "sweep exit $? (${SECONDS} s)"; grep -vE 'Warning|warn' "$OUT/sweep_nf4.log" | tail -30
+fi
 ls /tmp/runs/*/train.json > /dev/null 2>&1 && python3 benchmarks/train_table.py /tmp/runs/*/train.json --out "$OUT/qlora" > /dev/null
 cp /tmp/autotune.json "$OUT/" 2>/dev/null; true

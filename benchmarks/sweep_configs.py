@@ -1,6 +1,7 @@
 """Launch-configuration sweep on the GPU: per-kernel CUDA time, fwd+bwd time and compiled resources per config.
 
     python benchmarks/sweep_configs.py --build build [--tokens 4096 16384] [--kinds dgrad wgrad] [--out sweep.json]
+    python benchmarks/sweep_configs.py --build build --nf4 [--tokens 2048] [--kinds gate_up_4bit grouped_gemm_4bit]
 
 Coordinate descent over the kernel kinds of tuning.CANDIDATES (and the M-tile height): for each kind in turn,
 each candidate below runs with the other kinds at their current best; it is checked against the default
@@ -11,6 +12,9 @@ by up to 15 % between identical configs in one run on the H100, 2026-11-25; the 
 Last: registers, spills and shared memory of every compiled variant (the compiler's report: spills point at an
 epilogue that does not fit), then the summary. Winners become the defaults (first entries) of
 tuning.CANDIDATES, with a note in benchmarks/NOTES.md. Inputs as in bench_experts.py.
+--nf4: the QLoRA layer instead: experts frozen in NF4 (nested scales, bitsandbytes' quantize_4bit), LoRA r16 on
+both projections (the gradients are those of the input, the routing weights and the factors), and the kinds
+that read a 4-bit weight (dgrad's candidates are the same lists for both).
 """
 
 import argparse
@@ -40,8 +44,14 @@ CANDIDATES = {
                                (64, 128, 4, 3)]),
     "grouped_gemm": _configs(NKWS, [(256, 64, 8, 4), (256, 64, 8, 3), (128, 64, 8, 4), (256, 64, 16, 3),
                                     (128, 128, 8, 3)]),
+    "gate_up_4bit": _configs(NKWS, [(128, 64, 8, 4), (128, 64, 8, 3), (64, 64, 4, 4), (64, 64, 8, 3),
+                                    (64, 64, 8, 4), (128, 64, 4, 3), (64, 128, 8, 3)]),
+    "grouped_gemm_4bit": _configs(NKWS, [(64, 64, 4, 4), (128, 64, 8, 4), (64, 64, 8, 4), (64, 64, 4, 3),
+                                         (128, 64, 4, 4), (64, 128, 4, 3)]),
     "block_m": [128, 64],
 }
+DENSE_KINDS = ("dgrad", "wgrad", "gate_up", "grouped_gemm", "block_m")
+NF4_KINDS = ("gate_up_4bit", "grouped_gemm_4bit", "dgrad", "block_m")
 KERNELS = {"gate_up": "gate_up_swiglu_kernel", "grouped_gemm": "grouped_gemm_kernel",
            "dgrad": "down_dgrad_dswiglu_kernel", "wgrad": "expert_wgrad_kernel", "combine": "combine_kernel"}
 
@@ -90,9 +100,12 @@ def main():
     parser.add_argument("--build", default="build")
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--shape", default="30b-a3b", choices=sorted(SHAPES))
-    parser.add_argument("--kinds", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    parser.add_argument("--kinds", nargs="+", choices=list(CANDIDATES),
+                        help="default: all the kinds of the mode (dense, or --nf4)")
+    parser.add_argument("--nf4", action="store_true", help="frozen NF4 experts with LoRA r16 (needs bitsandbytes)")
     parser.add_argument("--out", default="sweep.json")
     args = parser.parse_args()
+    args.kinds = args.kinds or list(NF4_KINDS if args.nf4 else DENSE_KINDS)
 
     import kernels
 
@@ -106,10 +119,20 @@ def main():
         x, index, weights = _routing("uniform", T, E, K, H, gen)
         w1 = torch.nn.Parameter((torch.randn(E, 2 * I, H, device="cuda", generator=gen) * 0.02).bfloat16())
         w2 = torch.nn.Parameter((torch.randn(E, H, I, device="cuda", generator=gen) * 0.02).bfloat16())
-        leaves = [x.requires_grad_(), weights.requires_grad_(), w1, w2]
-        problems.append((leaves, index, torch.randn(T, H, device="cuda", generator=gen).bfloat16()))
+        dout = torch.randn(T, H, device="cuda", generator=gen).bfloat16()
+        if args.nf4:
+            import bitsandbytes.functional as bnb
 
-    chosen = {kind: tuning.CANDIDATES[kind][0] for kind in CANDIDATES if kind != "block_m"}  # the defaults
+            frozen = [kernel.weights4bit.from_bnb(*bnb.quantize_4bit(w.detach(), blocksize=64, quant_type="nf4",
+                                                                     compress_statistics=True)) for w in (w1, w2)]
+            factors = [(torch.randn(*dims, device="cuda", generator=gen) * 0.02).bfloat16().requires_grad_()
+                       for dims in ((E, 16, H), (E, 2 * I, 16), (E, 16, I), (E, H, 16))]
+            lora = kernel.ExpertsLora(*factors, gate_up_scale=2.0, down_scale=2.0)
+            problems.append(([x.requires_grad_(), weights.requires_grad_(), *factors], index, dout, frozen, lora))
+        else:
+            problems.append(([x.requires_grad_(), weights.requires_grad_(), w1, w2], index, dout, None, None))
+
+    chosen = {kind: tuning.CANDIDATES[kind][0] for kind in CANDIDATES if kind in tuning.CANDIDATES}  # defaults
     block_m = {"value": None}  # None: tuning.block_m_for's own choice
     original_block_m_for = ops.block_m_for
 
@@ -117,10 +140,15 @@ def main():
         block_m["value"] = value
         ops.block_m_for = original_block_m_for if value is None else (lambda rows, experts: value)
 
+    def experts(leaves, index, frozen, lora):
+        if frozen is None:
+            return kernel.moe_experts(leaves[0], index, leaves[1], leaves[2], leaves[3])
+        return kernel.moe_experts(leaves[0], index, leaves[1], *frozen, lora=lora)
+
     def run(problem):
-        leaves, index, dout = problem
+        leaves, index, dout, frozen, lora = problem
         with tuning.forced(**chosen):
-            out = kernel.moe_experts(leaves[0], index, leaves[1], leaves[2], leaves[3])
+            out = experts(leaves, index, frozen, lora)
             out.backward(dout)
         grads = [t.grad for t in leaves]
         for t in leaves:
@@ -136,11 +164,11 @@ def main():
             for got, want in zip(run(problem), ref):
                 err = ((got.float() - want.float()).norm() / want.float().norm()).item()
                 assert err < 1e-2, f"relative error {err:.2e} against the default configs"
-            leaves, index, dout = problem
+            leaves, index, dout, frozen, lora = problem
 
             def step():
                 with tuning.forced(**chosen):
-                    kernel.moe_experts(leaves[0], index, leaves[1], leaves[2], leaves[3]).backward(dout)
+                    experts(leaves, index, frozen, lora).backward(dout)
 
             total += triton.testing.do_bench(step, warmup=25, rep=100, grad_to_none=leaves, return_mode="median")
             for t in leaves:
@@ -167,7 +195,8 @@ def main():
                 continue
             log.append({"kernel": kind, "config": config, "kernels_ms": ms, "end_to_end_ms": total,
                         "per_kernel_ms": per_kernel})
-            print(f"{kind} {config}: kernels {ms:.3f} ms ({kind} {per_kernel.get(kind, 0.0):.3f}), end to end "
+            own = per_kernel.get(kind.removesuffix("_4bit"), 0.0)  # a 4-bit kind's kernel is the dense one's
+            print(f"{kind} {config}: kernels {ms:.3f} ms ({kind} {own:.3f}), end to end "
                   f"{total:.3f} ms", flush=True)
             if ms < best:
                 best, best_config = ms, config

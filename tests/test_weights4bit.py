@@ -105,6 +105,11 @@ def test_4bit_rows_must_hold_whole_blocks(kernel, bnb):
     w4 = kernel.weights4bit.from_bnb(packed, state)
     with pytest.raises(ValueError, match="multiple of the block size"):
         kernel.weights4bit.stacked(w4)
+    small_blocks = kernel.weights4bit.Weight4bit(  # the kernels' aligned row loads need blocks of 32 or more
+        packed=torch.zeros(256, dtype=torch.uint8), absmax=torch.ones(32), code=torch.linspace(-1, 1, 16),
+        shape=(2, 8, 32), dtype=torch.float32, blocksize=16)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        kernel.weights4bit.stacked(small_blocks)
 
 
 def test_opcheck_with_4bit_weights(kernel, bnb):

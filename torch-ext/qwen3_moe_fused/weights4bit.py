@@ -103,6 +103,9 @@ def stacked(weight: Weight4bit) -> tuple[torch.Tensor, torch.Tensor]:
     if len(weight.shape) != 3:
         raise ValueError(f"a stacked experts weight is [E, N, K], got shape {weight.shape}")
     E, N, K = weight.shape
+    if weight.blocksize % 32:  # the kernels load each row's bytes as 16-byte aligned vectors
+        raise ValueError(f"4-bit experts need a block size that is a multiple of 32 (bitsandbytes' 32 to 4096), got "
+                         f"{weight.blocksize}")
     if K % 2 or K % weight.blocksize:
         raise ValueError(f"4-bit experts need the weights' last dimension ({K}) even and a multiple of the block size "
                          f"({weight.blocksize}), so that each row holds whole bytes and blocks")
