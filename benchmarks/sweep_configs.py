@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from bench_experts import SHAPES, _environment, _routing
 
@@ -88,8 +89,13 @@ def _resources(kernel):
                 src = compiled.src
                 named = {src.fn.arg_names[k[0]]: v for k, v in src.constants.items() if len(k) == 1}
                 shown = {k: v for k, v in named.items() if k.startswith(("BLOCK", "LORA_R", "GATHER", "STORE"))}
-                compiled._init_handles()  # loads the binary: registers and spills are known from here on
                 meta = compiled.metadata
+                try:
+                    compiled._init_handles()  # loads the binary: registers and spills are known from here on
+                except OutOfResources:  # a candidate that does not fit (reported above)
+                    lines.append(f"{module_name:20s} {shown} warps {meta.num_warps} stages {meta.num_stages} "
+                                 f"does not fit: smem {meta.shared // 1024} KiB")
+                    continue
                 lines.append(f"{module_name:20s} {shown} warps {meta.num_warps} stages {meta.num_stages} "
                              f"regs {compiled.n_regs} spills {compiled.n_spills} smem {meta.shared // 1024} KiB")
     return lines
