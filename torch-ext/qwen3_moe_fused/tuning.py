@@ -40,7 +40,8 @@ CANDIDATES = {  # the first of each list is the default
     "gate_up": [_config(128, 64, 8, 4), _config(64, 64, 4, 4), _config(128, 64, 8, 3), _config(64, 128, 4, 3)],
     # 4-bit weights (their own kinds: the tiles' decoding changes what fits; tests/hopper_compile.py compiles
     # every candidate for sm_90 and reports its shared memory)
-    "gate_up_4bit": [_config(128, 64, 8, 4), _config(128, 64, 8, 3), _config(64, 64, 4, 4), _config(64, 64, 8, 3)],
+    # (the H200's best at T = 2048 first: benchmarks/results/2026-12-03_h200_sweep_nf4_2048.log)
+    "gate_up_4bit": [_config(64, 64, 4, 4), _config(128, 64, 4, 3), _config(128, 64, 8, 4), _config(64, 64, 8, 3)],
     "grouped_gemm": [_config(256, 64, 8, 4), _config(128, 64, 8, 4), _config(128, 64, 4, 4), _config(256, 64, 8, 3)],
     # 4-bit weights: tiles whose columns lie in one 64-element block along the weight's contiguous dimension (dX
     # reads W1 [E, 2I, H] with H as its columns): wider tiles need a scale per element, more shared memory than an
