@@ -174,40 +174,78 @@ def test_dequantize_4bit_gives_dense_experts_back(kernel, bnb_peft):
             assert type(q) is torch.nn.Parameter and torch.equal(p, q), name
 
 
-def test_4bit_experts_state_dict_is_bitsandbytes_layout_and_loads_back_bit_for_bit(kernel, bnb_peft, tmp_path):
-    """The state dict holds each 4-bit experts weight as bitsandbytes' Linear4bit does (packed bytes [n/2, 1]
-    plus its QuantState entries), safetensors saves it, and load_state_dict into another 4-bit model of the same
-    architecture restores the storage bit for bit (and so the logits)."""
+def _per_expert_entries_match(kernel, bnb, state, model, nested):
+    """Every 4-bit experts weight of ``model`` is in ``state`` as per-expert bitsandbytes entries (packed bytes
+    [n/2, 1] plus QuantState entries under experts.{e}.{gate,up,down}_proj.weight) which bitsandbytes' own
+    dequantize_4bit turns bit for bit into that expert's rows."""
+    stats = {"absmax", "quant_map", "quant_state.bitsandbytes__nf4"} | (
+        {"nested_absmax", "nested_quant_map"} if nested else set())
+    assert not any(k.endswith(tuple(EXPERTS)) for k in state)
+    checked = 0
+    for layer, block in enumerate(model.model.layers):
+        for name, projections in (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))):
+            whole = kernel.weights4bit.dequantize(getattr(block.mlp.experts, name).weight4bit)
+            rows = whole.shape[1] // len(projections)
+            for e in range(whole.shape[0]):
+                for j, projection in enumerate(projections):
+                    key = f"model.layers.{layer}.mlp.experts.{e}.{projection}.weight"
+                    assert state[key].dtype == torch.uint8 and tuple(state[key].shape) == (rows * whole.shape[2] // 2, 1)
+                    assert {k[len(key) + 1:] for k in state if k.startswith(key + ".")} == stats, key
+                    quant_state = bnb.functional.QuantState.from_dict(
+                        {k[len(key) + 1:]: v for k, v in state.items() if k.startswith(key + ".")}, device=DEVICE)
+                    assert torch.equal(bnb.functional.dequantize_4bit(state[key], quant_state),
+                                       whole[e, j * rows:(j + 1) * rows]), key
+                    checked += 1
+    assert checked == len(model.model.layers) * 3 * model.config.num_experts
+
+
+@pytest.mark.parametrize("intermediate", [64, 256], ids=["float32-scales", "nested"])
+def test_4bit_experts_state_dict_is_per_expert_bitsandbytes_and_loads_back(kernel, bnb_peft, tmp_path, intermediate):
+    """The state dict holds each expert's projections as a per-expert bitsandbytes checkpoint does
+    (``_per_expert_entries_match``); the nested scales stay nested where each expert's blocks start a group of
+    256 (intermediate 256: 256 blocks per expert and projection) and are float32 otherwise; safetensors saves it,
+    and load_state_dict into another 4-bit model restores every experts weight bit for bit (its storage too, where
+    nested), the same logits; entries of some experts only are refused."""
     from safetensors.torch import load_file, save_file
 
-    quantized, _, _ = _models(kernel, bnb_peft, seed=8)
-    other = quantize_4bit(make_model(seed=9, moe_intermediate_size=64).to(DEVICE), _config(), device=DEVICE)
+    quantized = quantize_4bit(make_model(seed=8, moe_intermediate_size=intermediate).to(DEVICE), _config(),
+                              device=DEVICE)
+    other = quantize_4bit(make_model(seed=9, moe_intermediate_size=intermediate).to(DEVICE), _config(),
+                          device=DEVICE)
     state = quantized.state_dict()
-    key = next(k for k in state if k.endswith("experts.gate_up_proj"))
-    weight = quantized.get_parameter(key).weight4bit
-    assert state[key].dtype == torch.uint8 and tuple(state[key].shape) == (weight.numel // 2, 1)
-    assert {k[len(key) + 1:] for k in state if k.startswith(key + ".")} == {
-        "absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4"}
-    state_back = bnb_peft.functional.QuantState.from_dict({k[len(key) + 1:]: v for k, v in state.items()
-                                                           if k.startswith(key + ".")}, device=DEVICE)
-    assert torch.equal(bnb_peft.functional.dequantize_4bit(state[key], state_back),
-                       kernel.weights4bit.dequantize(weight))  # bitsandbytes reads what we wrote
+    _per_expert_entries_match(kernel, bnb_peft, state, quantized, nested=intermediate == 256)
     save_file(state, tmp_path / "model.safetensors")
-    result = other.load_state_dict(load_file(tmp_path / "model.safetensors", device=DEVICE), strict=False)
+    loaded = load_file(tmp_path / "model.safetensors", device=DEVICE)
+    partial = {k: v for k, v in loaded.items() if ".experts.1.down_proj.weight" not in k}
+    with pytest.raises(ValueError, match="4-bit entries for some experts only"):
+        copy.deepcopy(other).load_state_dict(partial, strict=False)
+    result = other.load_state_dict(loaded, strict=False)
     assert result.missing_keys == []
     # bitsandbytes' Linear4bit does not read its quant-state entries back through load_state_dict (transformers'
     # bnb loader does); the experts' entries are all consumed
     assert result.unexpected_keys and all(".experts." not in k for k in result.unexpected_keys)
-    for name in (k for k in state if k.endswith(tuple(EXPERTS))):
+    for name in (n for n, _ in quantized.named_parameters() if n.endswith(tuple(EXPERTS))):
         a, b = quantized.get_parameter(name).weight4bit, other.get_parameter(name).weight4bit
-        assert all(torch.equal(x, y) for x, y in zip(a, b) if isinstance(x, torch.Tensor)), name
+        assert torch.equal(kernel.weights4bit.dequantize(a), kernel.weights4bit.dequantize(b)), name
+        assert b.nested == (intermediate == 256)
+        if b.nested:
+            assert all(torch.equal(x, y) for x, y in zip(a, b) if isinstance(x, torch.Tensor)), name
+    for model in (quantized, other):  # the attention layers' weights too (Linear4bit's own state)
+        for module_name, module in model.named_modules():
+            if isinstance(module, bnb_peft.nn.Linear4bit):
+                module.weight = quantized.get_submodule(module_name).weight
+    patch_qwen3_moe(quantized, kernel=kernel)
+    patch_qwen3_moe(other, kernel=kernel)
+    ids = _ids(8).to(DEVICE)
+    with torch.no_grad():
+        assert torch.equal(quantized(input_ids=ids).logits, other(input_ids=ids).logits)
 
 
 def test_from_pretrained_quantizes_the_experts_as_it_loads(kernel, bnb_peft, tmp_path):
     """``from_pretrained(..., quantization_config=experts_4bit(config))`` on a dense checkpoint (saved by
     transformers in its per-expert layout) gives the model ``quantize_4bit`` makes of the dense model: every
-    4-bit tensor bit for bit, the same logits; the quantized model refuses save_pretrained with transformers'
-    clear error."""
+    4-bit tensor bit for bit, the same logits; its save_pretrained writes the experts as per-expert bitsandbytes
+    entries, which from_pretrained refuses to load (load_state_dict reads them: the test above)."""
     from transformers import AutoModelForCausalLM
 
     from qwen3_moe_patch import experts_4bit
@@ -233,8 +271,15 @@ def test_from_pretrained_quantizes_the_experts_as_it_loads(kernel, bnb_peft, tmp
     ids = _ids(10).to(DEVICE)
     with torch.no_grad():
         assert torch.equal(want(input_ids=ids).logits, got(input_ids=ids).logits)
-    with pytest.raises(ValueError, match="not serializable"):
-        got.save_pretrained(tmp_path / "4bit")
+    got.save_pretrained(tmp_path / "4bit")  # the experts as per-expert bitsandbytes entries
+    from safetensors.torch import load_file
+
+    _per_expert_entries_match(kernel, bnb_peft, load_file(tmp_path / "4bit" / "model.safetensors", device=DEVICE),
+                              got, nested=False)  # 64 blocks per expert and projection: float32 scales
+    for config in (experts_4bit(_config()), None):  # transformers refuses to load its 4-bit experts
+        with pytest.raises((ValueError, RuntimeError), match="quantized with|ignore_mismatched_sizes"):
+            AutoModelForCausalLM.from_pretrained(tmp_path / "4bit", quantization_config=config, device_map=DEVICE,
+                                                 dtype=torch.float32)
     make_model(seed=10).save_pretrained(tmp_path / "rows32")  # the tiny preset's experts: rows of 32
     with pytest.raises(ValueError, match="multiple of 64.*without qwen3_moe_fused_4bit"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "rows32", quantization_config=experts_4bit(_config()),

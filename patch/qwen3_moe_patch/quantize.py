@@ -15,13 +15,18 @@ GPU never holds more than one dense weight: a model built on the meta device or 
 piece by piece (``presets.make_model_piecewise`` does that for the random-weight presets). Then PEFT LoRA and
 ``patch_qwen3_moe`` work as on the dense model; the fused kernels dequantize each 4-bit tile as they load it.
 
-Checkpoints: the state dict of a quantized experts module holds each 4-bit weight as bitsandbytes' ``Linear4bit``
-does (so as transformers writes bnb checkpoints): the packed bytes under the weight's name, shaped [n / 2, 1],
-and bitsandbytes' ``QuantState.as_dict(packed=True)`` entries beside it (``<name>.absmax``, ``.quant_map``,
-``.nested_absmax``, ``.nested_quant_map``, ``.quant_state.bitsandbytes__nf4``); ``load_state_dict`` into a
-quantized model reads them back bit for bit (bitsandbytes' ``Linear4bit`` does not read its own entries back that
-way; transformers' loader does). ``save_pretrained`` cannot write the 4-bit experts: transformers 5 writes stacked
-experts back per expert, which packed 4-bit rows are not; ``dequantize_4bit`` first for a dense checkpoint.
+Checkpoints: the state dict of a quantized experts module holds its 4-bit weights as transformers writes a
+bitsandbytes checkpoint of the per-expert model (transformers 4.x's layout, that of the bnb-4bit Qwen3-MoE
+checkpoints people publish): one ``Linear4bit`` weight per expert and projection, ``experts.{e}.gate_proj.weight``,
+``.up_proj.weight``, ``.down_proj.weight`` (packed bytes [n / 2, 1]), each with bitsandbytes'
+``QuantState.as_dict(packed=True)`` entries beside it (``.absmax``, ``.quant_map``, ``.nested_absmax``,
+``.nested_quant_map``, ``.quant_state.bitsandbytes__nf4``). Each expert's bytes and scales are slices of the
+stacked storage, so bitsandbytes' ``dequantize_4bit`` of every entry is bit for bit that expert's rows. Nested
+scales stay nested where each expert's blocks start a group of ``blocksize2`` (256) blocks (every real Qwen3-MoE
+shape); otherwise (small test models) the entries carry their float32 scales, dequantized — the same values.
+``save_pretrained`` writes these entries as they are (transformers' per-expert conversion passes them through),
+and ``load_state_dict`` into a quantized model stacks them back: the same storage where nested scales could be
+kept, the same values otherwise. ``dequantize_4bit`` first for a dense checkpoint.
 """
 
 from __future__ import annotations
@@ -126,33 +131,98 @@ def to_tensor4bit(dense, quant_type, nested):
     return torch.nn.Parameter(kernel.Tensor4bit(kernel.weights4bit.from_bnb(packed, state)), requires_grad=False)
 
 
+PROJECTIONS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}  # rows of each, in order
+
+
+def _pieces(kernel, name, weight):
+    """[(key under the experts module, the ``Weight4bit`` of that expert's projection)] of a stacked 4-bit weight:
+    views of its bytes and scales (see the module docstring)."""
+    E, N, K = weight.shape
+    projections = PROJECTIONS[name]
+    rows = N // len(projections)
+    numel, blocks = rows * K, rows * K // weight.blocksize
+    keep_nested = weight.nested and blocks % weight.blocksize2 == 0
+    fp32_scales = kernel.weights4bit.scales(weight) if weight.nested and not keep_nested else None
+    pieces = []
+    for e in range(E):
+        for j, projection in enumerate(projections):
+            start = (e * len(projections) + j) * numel
+            b0 = start // weight.blocksize
+            packed = weight.packed[start // 2:(start + numel) // 2]
+            if keep_nested:
+                g0, groups = b0 // weight.blocksize2, blocks // weight.blocksize2
+                piece = weight._replace(packed=packed, absmax=weight.absmax[b0:b0 + blocks], shape=(rows, K),
+                                        absmax2=weight.absmax2[g0:g0 + groups])
+            else:
+                absmax = (weight.absmax if fp32_scales is None else fp32_scales)[b0:b0 + blocks]
+                piece = weight._replace(packed=packed, absmax=absmax, shape=(rows, K), absmax2=None, code2=None,
+                                        offset=None)
+            pieces.append((f"{e}.{projection}.weight", piece))
+    return pieces
+
+
+def _stack(kernel, pieces, shape):
+    """One stacked ``Weight4bit`` of ``shape`` from its per-expert pieces (``_pieces``' order): nested where every
+    piece is, with one offset, code book and group size, and whole groups; else with float32 scales."""
+    import torch
+
+    first = pieces[0]
+    if any(p.blocksize != first.blocksize or p.dtype != first.dtype or not torch.equal(p.code, first.code)
+           for p in pieces):
+        raise ValueError("the per-expert 4-bit entries of one stacked experts weight differ in block size, dtype or "
+                         "code book; they cannot be stacked")
+    packed = torch.cat([p.packed.reshape(-1) for p in pieces])
+    nested = all(p.nested and p.blocksize2 == first.blocksize2 and torch.equal(p.offset, first.offset)
+                 and torch.equal(p.code2, first.code2) and p.absmax.numel() % p.blocksize2 == 0 for p in pieces)
+    if nested:
+        return first._replace(packed=packed, absmax=torch.cat([p.absmax for p in pieces]), shape=tuple(shape),
+                              absmax2=torch.cat([p.absmax2 for p in pieces]))
+    if any(p.nested for p in pieces):
+        logger.warning("qwen3-moe-fused: per-expert 4-bit entries with nested scales that cannot be stacked as "
+                       "nested (different offsets or partial groups) are stacked with their float32 scales: the "
+                       "same values, 4 bytes per block instead of 1")
+    return first._replace(packed=packed, shape=tuple(shape), absmax2=None, code2=None, offset=None,
+                          absmax=torch.cat([kernel.weights4bit.scales(p) for p in pieces]))
+
+
 def _save_4bit(module, state_dict, prefix, local_metadata):
-    """state-dict post-hook of an experts module: 4-bit weights in bitsandbytes' checkpoint layout."""
+    """state-dict post-hook of an experts module: its 4-bit weights as per-expert bitsandbytes entries."""
     from .experts_interface import current_kernel
 
     kernel, bnb = current_kernel(), bitsandbytes_module()
     for name in EXPERT_WEIGHTS:
         value = state_dict.get(prefix + name)
         if isinstance(value, kernel.Tensor4bit):
-            weight = value.weight4bit
-            state_dict[prefix + name] = weight.packed.detach().reshape(-1, 1)
-            for key, item in _quant_state(bnb, weight).as_dict(packed=True).items():
-                state_dict[f"{prefix}{name}.{key}"] = item.detach()
+            del state_dict[prefix + name]
+            for key, piece in _pieces(kernel, name, value.weight4bit):
+                state_dict[prefix + key] = piece.packed.detach().reshape(-1, 1)
+                for stat, item in _quant_state(bnb, piece).as_dict(packed=True).items():  # own copies: the code
+                    state_dict[f"{prefix}{key}.{stat}"] = item.detach().clone()  # books would alias otherwise
 
 
 def _load_4bit(module, state_dict, prefix, *args):
-    """load-state-dict pre-hook of an experts module: bitsandbytes' layout back to a ``Tensor4bit``, which
-    ``copy_`` writes into the module's (same layout; anything else is the usual size-mismatch error)."""
+    """load-state-dict pre-hook of an experts module: its per-expert bitsandbytes entries stacked back into a
+    ``Tensor4bit``, which ``copy_`` writes into the module's weight (entries of some experts only: an error)."""
     from .experts_interface import current_kernel
 
     kernel, bnb = current_kernel(), bitsandbytes_module()
-    for name in EXPERT_WEIGHTS:
-        key = prefix + name
-        stats = {k[len(key) + 1:]: k for k in state_dict if k.startswith(key + ".")}
-        if key in state_dict and any(k.startswith("quant_state.bitsandbytes__") for k in stats):
+    for name, projections in PROJECTIONS.items():
+        shape = getattr(module, name).shape
+        keys = [f"{prefix}{e}.{projection}.weight" for e in range(shape[0]) for projection in projections]
+        found = [key for key in keys if key in state_dict]
+        if not found:
+            continue
+        if len(found) != len(keys):
+            missing = sorted(set(keys) - set(found))
+            raise ValueError(f"{prefix}{name}: the checkpoint has 4-bit entries for some experts only (missing "
+                             f"{missing[:3]}{' ...' if len(missing) > 3 else ''}); a stacked weight needs all of them")
+        pieces = []
+        for key in keys:
+            stats = {k[len(key) + 1:]: k for k in state_dict if k.startswith(key + ".")}
             state = bnb.functional.QuantState.from_dict({k: state_dict.pop(full) for k, full in stats.items()},
                                                         device=state_dict[key].device)
-            state_dict[key] = kernel.Tensor4bit(kernel.weights4bit.from_bnb(state_dict[key], state))
+            pieces.append(kernel.weights4bit.from_bnb(state_dict.pop(key), state))
+        state_dict[prefix + name] = kernel.Tensor4bit(_stack(kernel, pieces, shape))
 
 
 def _hook(experts):

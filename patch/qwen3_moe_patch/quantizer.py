@@ -10,8 +10,9 @@ from the checkpoint (per-expert checkpoints are stacked by transformers' own con
 device into a frozen ``Tensor4bit`` (what ``quantize_4bit`` makes: the same settings, the same bits). So a
 Qwen3-30B-A3B checkpoint loads into ≈ 16 GB of GPU memory without its 61 GB dense form in host or GPU memory at
 once. It is registered with transformers (``register_quantizer``, method "qwen3_moe_fused_4bit") on first use.
-The result is not serializable by ``save_pretrained`` (transformers writes the experts back in the per-expert
-layout, which packed 4-bit rows are not); ``dequantize_4bit`` the experts first to save a dense checkpoint.
+``save_pretrained`` of the result writes the experts as per-expert bitsandbytes entries (``quantize``'s
+checkpoint layout); this quantizer does not read such a 4-bit checkpoint back (it quantizes dense checkpoints):
+``load_state_dict`` it into a quantized model, or ``dequantize_4bit`` first to save a dense checkpoint.
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ def _define():
         def validate_environment(self, *args, **kwargs):
             super().validate_environment(*args, **kwargs)
             if self.pre_quantized:
-                raise ValueError(f"{METHOD} quantizes a dense checkpoint while it loads; this checkpoint says it is "
-                                 "already quantized, which this method never writes")
+                raise ValueError(f"{METHOD} quantizes a dense checkpoint while it loads; this checkpoint is already "
+                                 "4-bit: load the dense checkpoint with it, or build the model with quantize_4bit and "
+                                 "load_state_dict the 4-bit checkpoint's tensors into it")
 
         def param_needs_quantization(self, model, param_name, **kwargs):
             return super().param_needs_quantization(model, param_name, **kwargs) or \
@@ -89,7 +91,7 @@ def _define():
             return super()._process_model_after_weight_loading(model, **kwargs)
 
         def is_serializable(self, *args, **kwargs):
-            return False
+            return True
 
         def get_quantize_ops(self):
             return QuantizeExperts(self)

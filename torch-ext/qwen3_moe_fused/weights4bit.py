@@ -115,13 +115,19 @@ def stacked(weight: Weight4bit) -> tuple[torch.Tensor, torch.Tensor]:
 _FIELDS = ("packed", "absmax", "code", "absmax2", "code2", "offset")
 
 
-def _same_layout(weight, other) -> bool:
-    """Whether ``other`` is a ``Tensor4bit`` stored exactly as ``weight`` (neither carrying a LoRA term)."""
+def _loadable(weight, other) -> bool:
+    """Whether ``other`` is a ``Tensor4bit`` of the same weight (shape, dtype, block size; neither carrying a
+    LoRA term): what ``copy_`` (``load_state_dict``) may write into ``weight``."""
     if not isinstance(other, Tensor4bit) or weight.lora is not None or other.lora is not None:
         return False
     a, b = weight.weight4bit, other.weight4bit
-    return (tuple(a.shape), a.dtype, a.blocksize, a.blocksize2, a.nested) == \
-        (tuple(b.shape), b.dtype, b.blocksize, b.blocksize2, b.nested) and a.absmax.dtype == b.absmax.dtype
+    return (tuple(a.shape), a.dtype, a.blocksize) == (tuple(b.shape), b.dtype, b.blocksize)
+
+
+def _same_layout(weight, other) -> bool:
+    """Whether ``other`` (``_loadable``) stores its scales as ``weight`` does (nesting, group size, dtype)."""
+    a, b = weight.weight4bit, other.weight4bit
+    return (a.blocksize2, a.nested, a.absmax.dtype) == (b.blocksize2, b.nested, b.absmax.dtype)
 _aten = torch.ops.aten
 
 
@@ -136,8 +142,9 @@ class Tensor4bit(torch.Tensor):
     - ``W.baddbmm(lhs, rhs, alpha=s)`` (PEFT's single-adapter LoRA parametrization, which torch evaluates whenever
       PEFT registers it) gives a ``Tensor4bit`` carrying ``W + s·lhs·rhs`` unevaluated (``lora``); the fused
       experts use PEFT's factors themselves.
-    - ``copy_`` from a ``Tensor4bit`` of the same layout (shape, dtype, block sizes, nesting) replaces its
-      storage (``load_state_dict``); other in-place writes are refused: 4-bit weights are frozen.
+    - ``copy_`` from a ``Tensor4bit`` of the same weight (shape, dtype, block size) replaces its storage with the
+      source's (``load_state_dict``), in place where the scales are stored alike; other in-place writes are
+      refused: 4-bit weights are frozen.
     - Any other op computes on the dequantized weight (plus its LoRA term): correct, but a dense copy of the
       weight, said once per op.
     """
@@ -221,10 +228,15 @@ class Tensor4bit(torch.Tensor):
                 and kwargs.get("beta", 1) == 1 and not any(isinstance(a, Tensor4bit) for a in args[1:]):
             alpha = kwargs.get("alpha", args[4] if len(args) > 4 else 1)
             return Tensor4bit(self.weight4bit, (args[1], args[2], alpha))
-        if func is _aten.copy_.default and isinstance(self, Tensor4bit) and _same_layout(self, args[1]):
-            for field in _FIELDS:  # loading a state dict into a 4-bit model: the storage is replaced, bit for bit
-                if getattr(self.weight4bit, field) is not None:
-                    getattr(self.weight4bit, field).copy_(getattr(args[1].weight4bit, field))
+        if func is _aten.copy_.default and isinstance(self, Tensor4bit) and _loadable(self, args[1]):
+            source = args[1].weight4bit  # loading a state dict into a 4-bit model: its storage, bit for bit
+            if _same_layout(self, args[1]):
+                for field in _FIELDS:
+                    if getattr(self.weight4bit, field) is not None:
+                        getattr(self.weight4bit, field).copy_(getattr(source, field))
+            else:  # the same weight with its scales stored otherwise (float32 or nested): the source's storage
+                self.weight4bit = source._replace(**{f: getattr(source, f).to(self.device, copy=True)
+                                                     for f in _FIELDS if getattr(source, f) is not None})
             return self
         if func._schema.is_mutable and any(isinstance(a, Tensor4bit) for a in args[:1]):
             raise RuntimeError(f"{func.name()} would write into a 4-bit weight ({self!r}); 4-bit experts are frozen: "
