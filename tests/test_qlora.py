@@ -115,6 +115,26 @@ def test_qlora_trains_like_stock_peft_on_the_dequantized_weights_without_a_dense
         torch.testing.assert_close(g, want_grads[name], **TOL, msg=name)
 
 
+def test_torch_compile_of_the_qlora_model_gives_eager_loss_and_gradients(kernel, bnb_peft, caplog, monkeypatch):
+    """torch.compile of the patched QLoRA model (PEFT LoRA on 4-bit experts and Linear4bit attention): the
+    experts run eagerly between the compiled graphs (PEFT registers its parametrization at every forward, which
+    dynamo cannot trace), said once; the loss is eager's and the gradients agree to float32 rounding."""
+    quantized, _, _ = _models(kernel, bnb_peft, seed=11)
+    model = _lora(quantized, 11)
+    patch_qwen3_moe(model, kernel=kernel)
+    ids = _ids(11).to(DEVICE)
+    want_loss, want_grads = _step(model, ids)
+    monkeypatch.setattr(model, "forward", torch.compile(model.forward, backend="aot_eager"))
+    monkeypatch.setattr(kernel.layers, "_said", set())
+    with caplog.at_level(logging.WARNING):
+        loss, grads = _step(model, ids)
+    assert caplog.text.count("does not trace PEFT's LoRA on the experts") == 1
+    assert torch.equal(loss, want_loss)
+    assert grads.keys() == want_grads.keys() and any("experts" in n for n in grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, want_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_adapter_trained_in_4bit_loads_on_the_dense_model(kernel, bnb_peft, tmp_path):
     """Adapters trained on the 4-bit model are stock PEFT adapters: on the dense model they give the 4-bit model's
     logits up to the quantization error (the same gap the base models have)."""

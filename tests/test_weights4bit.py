@@ -100,6 +100,38 @@ def test_experts_on_4bit_weights_match_the_reference_on_their_dequantized_weight
         assert_close_rel(got, want, TOL[dtype], f"4-bit {dtype} {name}")
 
 
+def test_torch_compile_runs_4bit_experts_eagerly_between_its_graphs(kernel, bnb, caplog, monkeypatch):
+    """torch.compile cannot see into a Tensor4bit (it reads its Python attributes as opaque values): moe_experts
+    on 4-bit weights under compile runs eagerly in a graph break, says so once, and gives eager's bits."""
+    import logging
+
+    from test_kernels import _lora_factors
+
+    x, index, weights, dense, grad_out = _experts_problem(torch.float32, 33)
+    frozen = []
+    for w in dense:
+        packed, state = bnb.quantize_4bit(w.float().to(DEVICE), blocksize=64, quant_type="nf4", compress_statistics=True)
+        frozen.append(torch.nn.Parameter(kernel.Tensor4bit(kernel.weights4bit.from_bnb(packed, state)),
+                                         requires_grad=False))
+    exact = [kernel.weights4bit.dequantize(w.weight4bit) for w in frozen]
+    leaves = [t.float().to(DEVICE).requires_grad_() for t in (x, weights, *_lora_factors(exact[0], exact[1], (4, 3), 34))]
+
+    def step(x, w, a1, b1, a2, b2):
+        lora = kernel.ExpertsLora(a1, b1, a2, b2, gate_up_scale=0.5, down_scale=2.0)
+        return torch.tanh(kernel.moe_experts(x * 2, index.to(DEVICE), w, *frozen, lora=lora))
+
+    want = step(*leaves)
+    want_grads = torch.autograd.grad(want, leaves, grad_out.float().to(DEVICE))
+    compiled = torch.compile(step, backend="aot_eager")  # the graphs' own ops as eager computes them
+    monkeypatch.setattr(kernel.functional, "_said_4bit_compile", False)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            got = compiled(*leaves)
+            grads = torch.autograd.grad(got, leaves, grad_out.float().to(DEVICE))
+    assert caplog.text.count("does not trace 4-bit experts") == 1
+    assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(grads, want_grads))
+
+
 def test_4bit_rows_must_hold_whole_blocks(kernel, bnb):
     packed, state = _quantized(bnb, (2, 8, 96), torch.float32, "nf4", False, 64, 3)  # 96 = 1.5 blocks per row
     w4 = kernel.weights4bit.from_bnb(packed, state)

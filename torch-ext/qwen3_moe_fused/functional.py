@@ -21,6 +21,7 @@ from .weights4bit import Weight4bit
 
 _logger = logging.getLogger(__name__)
 _said_reference = False
+_said_4bit_compile = False
 
 __all__ = ["ExpertsLora", "Weight4bit", "dequantize_4bit", "moe_experts", "tune"]
 
@@ -123,6 +124,9 @@ def moe_experts(
     Differentiable w.r.t. hidden, top_k_weights, both weights and the LoRA factors. Replicated DTensors are used
     locally; sharded DTensors raise ``ValueError``.
     """
+    if torch.compiler.is_compiling() and any(isinstance(w, weights4bit.Tensor4bit) for w in (gate_up_proj, down_proj)):
+        return _moe_experts_outside_the_graph(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, lora=lora,
+                                              activation=activation)
     gate_up_proj, down_proj = (_unwrap_4bit(name, w) for name, w in (("gate_up_proj", gate_up_proj),
                                                                         ("down_proj", down_proj)))
     hidden, top_k_index, top_k_weights, gate_up_proj, down_proj = (
@@ -154,6 +158,19 @@ def moe_experts(
                           lora.down_b, float(lora.gate_up_scale), float(lora.down_scale), w1_q, w2_q,
                           w1_blocks + w2_blocks)
     return out.to(hidden.dtype)
+
+
+@torch.compiler.disable
+def _moe_experts_outside_the_graph(*args, **kwargs):
+    """``moe_experts`` run eagerly where torch.compile meets a ``Tensor4bit``, which dynamo cannot see into (it
+    reads the subclass's Python attributes as opaque values): a graph break around the experts, said once."""
+    global _said_4bit_compile
+    if not _said_4bit_compile:
+        _said_4bit_compile = True
+        _logger.warning("qwen3-moe-fused: torch.compile does not trace 4-bit experts (Tensor4bit); the experts run "
+                        "eagerly between the compiled graphs (a graph break per MoE layer; fullgraph=True cannot "
+                        "compile such a model)")
+    return moe_experts(*args, **kwargs)
 
 
 def dequantize_4bit(weight: Weight4bit) -> torch.Tensor:

@@ -119,8 +119,10 @@ def call_experts(experts, hidden, top_k_index, top_k_weights):
     while isinstance(getattr(base, "base_layer", None), nn.Module):
         base = base.base_layer
     weights = [w for w in (base._parameters.get("gate_up_proj"), base._parameters.get("down_proj")) if w is not None]
-    if base is experts or not weights or torch.compiler.is_compiling():
+    if base is experts or not weights:
         return experts(hidden, top_k_index, top_k_weights)
+    if torch.compiler.is_compiling():
+        return _call_peft_experts_outside_the_graph(experts, hidden, top_k_index, top_k_weights)
     stand_in = _LoraCheckStandIn(weights)
     _open_stand_ins.append(stand_in)
     try:
@@ -128,6 +130,17 @@ def call_experts(experts, hidden, top_k_index, top_k_weights):
             return experts(hidden, top_k_index, top_k_weights)
     finally:
         _open_stand_ins.pop()
+
+
+@torch.compiler.disable
+def _call_peft_experts_outside_the_graph(experts, hidden, top_k_index, top_k_weights):
+    """``call_experts`` run eagerly where torch.compile meets PEFT-wrapped experts: PEFT registers its LoRA
+    parametrization at every forward (a module class swap and tensor swaps dynamo cannot trace); a graph break
+    around the experts, said once."""
+    _say_once("peft-compile", "qwen3-moe-fused: torch.compile does not trace PEFT's LoRA on the experts (it registers "
+              "a parametrization every forward); the experts run eagerly between the compiled graphs (a graph break "
+              "per MoE layer)")
+    return call_experts(experts, hidden, top_k_index, top_k_weights)
 
 
 def _weight_and_factors(experts, name):
