@@ -4,6 +4,8 @@
 # tables come last.
 # Usage (GPU machine, repository root): [PYTEST_TARGETS=tests] [BENCH=1] [ACCURACY=0] bash benchmarks/gpu_session.sh [bench args...]
 set -uo pipefail
+: "${QWEN3_MOE_FUSED_COMMIT:?set QWEN3_MOE_FUSED_COMMIT=<the commit measured> (the copy of .git on the GPU machine can be stale)}"
+export QWEN3_MOE_FUSED_COMMIT
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/patch PYTHONUNBUFFERED=1

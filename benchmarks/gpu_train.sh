@@ -11,6 +11,8 @@
 # Usage (GPU machine, repository root, wheels of kernels/liger-kernel/tomlkit in .whl):
 #   [PHASES="full lora tests full32 lora32"] [IMPLS="fused grouped_mm liger eager"] [STEPS=200] [EAGER_STEPS=5] [TIMEOUT=150] bash benchmarks/gpu_train.sh
 set -uo pipefail
+: "${QWEN3_MOE_FUSED_COMMIT:?set QWEN3_MOE_FUSED_COMMIT=<the commit measured> (the copy of .git on the GPU machine can be stale)}"
+export QWEN3_MOE_FUSED_COMMIT
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/patch PYTHONUNBUFFERED=1 QWEN3_MOE_FUSED_AUTOTUNE_CACHE=/tmp/autotune.json

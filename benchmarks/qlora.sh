@@ -10,6 +10,8 @@
 #   [ROWS="qlora-liger:2048 lora-liger:2048 qlora:2048"] [STEPS=12] [CAP=22] [TESTS=1] [TEST_TARGETS=... TEST_K=...]
 #   [TESTS_AUTOTUNE=1] [LAYER=0] [SWEEP=0] bash benchmarks/qlora.sh
 set -uo pipefail
+: "${QWEN3_MOE_FUSED_COMMIT:?set QWEN3_MOE_FUSED_COMMIT=<the commit measured> (the copy of .git on the GPU machine can be stale)}"
+export QWEN3_MOE_FUSED_COMMIT
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/runs
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/patch PYTHONUNBUFFERED=1 QWEN3_MOE_FUSED_AUTOTUNE_CACHE=/tmp/autotune.json
