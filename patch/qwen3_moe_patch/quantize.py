@@ -95,8 +95,8 @@ def _check_not_adapted(model):
                          "(as QLoRA does), so that the adapters stay in the compute dtype")
 
 
-def _quant_state(bnb, weight):
-    """bitsandbytes' ``QuantState`` of a ``Weight4bit`` (its own tensors, not copies)."""
+def _quant_type(bnb, weight):
+    """"nf4" or "fp4": the code book of a ``Weight4bit``."""
     import torch
 
     quant_type = next((q for q in ("nf4", "fp4") if torch.equal(
@@ -104,6 +104,13 @@ def _quant_state(bnb, weight):
     if quant_type is None:
         raise ValueError("a 4-bit experts weight whose code book is neither NF4 nor FP4 cannot be saved in "
                          "bitsandbytes' layout")
+    return quant_type
+
+
+def _quant_state(bnb, weight, quant_type):
+    """bitsandbytes' ``QuantState`` of a ``Weight4bit`` with that code book (its own tensors, not copies)."""
+    import torch
+
     state2 = bnb.functional.QuantState(absmax=weight.absmax2, code=weight.code2, blocksize=weight.blocksize2,
                                        dtype=torch.float32) if weight.nested else None
     return bnb.functional.QuantState(absmax=weight.absmax, shape=torch.Size(weight.shape), code=weight.code,
@@ -194,9 +201,10 @@ def _save_4bit(module, state_dict, prefix, local_metadata):
         value = state_dict.get(prefix + name)
         if isinstance(value, kernel.Tensor4bit):
             del state_dict[prefix + name]
+            quant_type = _quant_type(bnb, value.weight4bit)  # once: it compares the book on the weight's device
             for key, piece in _pieces(kernel, name, value.weight4bit):
                 state_dict[prefix + key] = piece.packed.detach().reshape(-1, 1)
-                for stat, item in _quant_state(bnb, piece).as_dict(packed=True).items():  # own copies: the code
+                for stat, item in _quant_state(bnb, piece, quant_type).as_dict(packed=True).items():  # own copies: the code
                     state_dict[f"{prefix}{key}.{stat}"] = item.detach().clone()  # books would alias otherwise
 
 
