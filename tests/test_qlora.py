@@ -209,7 +209,8 @@ def _per_expert_entries_match(kernel, bnb, state, model, nested):
             for e in range(whole.shape[0]):
                 for j, projection in enumerate(projections):
                     key = f"model.layers.{layer}.mlp.experts.{e}.{projection}.weight"
-                    assert state[key].dtype == torch.uint8 and tuple(state[key].shape) == (rows * whole.shape[2] // 2, 1)
+                    assert state[key].dtype == torch.uint8
+                    assert tuple(state[key].shape) == (rows * whole.shape[2] // 2, 1)
                     assert {k[len(key) + 1:] for k in state if k.startswith(key + ".")} == stats, key
                     quant_state = bnb.functional.QuantState.from_dict(
                         {k[len(key) + 1:]: v for k, v in state.items() if k.startswith(key + ".")}, device=DEVICE)

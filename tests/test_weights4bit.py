@@ -110,11 +110,13 @@ def test_torch_compile_runs_4bit_experts_eagerly_between_its_graphs(kernel, bnb,
     x, index, weights, dense, grad_out = _experts_problem(torch.float32, 33)
     frozen = []
     for w in dense:
-        packed, state = bnb.quantize_4bit(w.float().to(DEVICE), blocksize=64, quant_type="nf4", compress_statistics=True)
+        packed, state = bnb.quantize_4bit(w.float().to(DEVICE), blocksize=64, quant_type="nf4",
+                                          compress_statistics=True)
         frozen.append(torch.nn.Parameter(kernel.Tensor4bit(kernel.weights4bit.from_bnb(packed, state)),
                                          requires_grad=False))
     exact = [kernel.weights4bit.dequantize(w.weight4bit) for w in frozen]
-    leaves = [t.float().to(DEVICE).requires_grad_() for t in (x, weights, *_lora_factors(exact[0], exact[1], (4, 3), 34))]
+    factors = _lora_factors(exact[0], exact[1], (4, 3), 34)
+    leaves = [t.float().to(DEVICE).requires_grad_() for t in (x, weights, *factors)]
 
     def step(x, w, a1, b1, a2, b2):
         lora = kernel.ExpertsLora(a1, b1, a2, b2, gate_up_scale=0.5, down_scale=2.0)

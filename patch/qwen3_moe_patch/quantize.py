@@ -204,8 +204,9 @@ def _save_4bit(module, state_dict, prefix, local_metadata):
             quant_type = _quant_type(bnb, value.weight4bit)  # once: it compares the book on the weight's device
             for key, piece in _pieces(kernel, name, value.weight4bit):
                 state_dict[prefix + key] = piece.packed.detach().reshape(-1, 1)
-                for stat, item in _quant_state(bnb, piece, quant_type).as_dict(packed=True).items():  # own copies: the code
-                    state_dict[f"{prefix}{key}.{stat}"] = item.detach().clone()  # books would alias otherwise
+                stats = _quant_state(bnb, piece, quant_type).as_dict(packed=True)
+                for stat, item in stats.items():  # own copies: the pieces' code books would alias one tensor
+                    state_dict[f"{prefix}{key}.{stat}"] = item.detach().clone()
 
 
 def _load_4bit(module, state_dict, prefix, *args):

@@ -128,6 +128,8 @@ def _same_layout(weight, other) -> bool:
     """Whether ``other`` (``_loadable``) stores its scales as ``weight`` does (nesting, group size, dtype)."""
     a, b = weight.weight4bit, other.weight4bit
     return (a.blocksize2, a.nested, a.absmax.dtype) == (b.blocksize2, b.nested, b.absmax.dtype)
+
+
 _aten = torch.ops.aten
 
 
