@@ -17,6 +17,12 @@ and both weights). Per implementation and T:
 Gradients are set to None before every fwd+bwd (as do_bench's grad_to_none does) and before capture, so no
 measurement includes accumulating into .grad.
 
+- split (Triton kernels only): the enqueue fwd+bwd again with Triton's launch path timed from inside — host ms
+  per call spent in ``JITFunction.run`` (binding, specialising, cache lookup) of which in the compiled kernel's
+  C launcher (argument parsing and cuLaunchKernel), the launches per call, and the enqueue with every Triton
+  launch skipped (the rest: our Python, torch ops, autograd). The three timed runs are separate, so the parts
+  need not add up exactly.
+
 ``--profile IMPL:T`` also prints the cProfile of 20 such fwd+bwd calls (top functions by own time).
 """
 
@@ -66,6 +72,58 @@ def _graph_ms(step):
     return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
 
 
+class _LaunchTimer:
+    """Within the block, the host time spent in Triton's ``JITFunction.run`` and in its C launcher
+    (``CudaLauncher.__call__``), and the number of launches; ``skip`` returns from ``run`` before anything runs."""
+
+    def __init__(self, skip=False):
+        from triton.backends.nvidia.driver import CudaLauncher
+        from triton.runtime.jit import JITFunction
+
+        self.classes = JITFunction, CudaLauncher
+        self.skip, self.run_s, self.launcher_s, self.launches = skip, 0.0, 0.0, 0
+
+    def __enter__(self):
+        jit, launcher = self.classes
+        self.saved = jit.run, launcher.__call__
+        run, call = self.saved
+
+        def timed_run(fn, *args, **kwargs):
+            self.launches += 1
+            if self.skip:
+                return None
+            start = time.perf_counter()
+            try:
+                return run(fn, *args, **kwargs)
+            finally:
+                self.run_s += time.perf_counter() - start
+
+        def timed_call(obj, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return call(obj, *args, **kwargs)
+            finally:
+                self.launcher_s += time.perf_counter() - start
+
+        jit.run, launcher.__call__ = timed_run, timed_call
+        return self
+
+    def __exit__(self, *exc):
+        self.classes[0].run, self.classes[1].__call__ = self.saved
+
+
+def _split(step, calls=CALLS):
+    """Host ms per call in Triton's run and its launcher, launches per call, and the enqueue ms with launches
+    skipped (see the module docstring)."""
+    with _LaunchTimer() as timer:
+        _enqueue_ms(step, calls=calls, runs=1)
+    with _LaunchTimer(skip=True):
+        skipped = _enqueue_ms(step, calls=calls)
+    torch.cuda.synchronize()
+    return dict(triton_run_ms=timer.run_s * 1e3 / calls, launcher_ms=timer.launcher_s * 1e3 / calls,
+                launches=timer.launches / calls, enqueue_without_launches_ms=skipped)
+
+
 def measure(impl, T, profile=False):
     """One row: eager, graph and enqueue milliseconds of ``impl`` at T tokens (errors are kept, not raised)."""
     kernel = _kernel()
@@ -95,6 +153,11 @@ def measure(impl, T, profile=False):
                                                           return_mode="median")
         row["enqueue_fwd_ms"] = _enqueue_ms(forward)
         row["enqueue_fwd_bwd_ms"] = _enqueue_ms(forward_backward)
+        if impl in ("fused", "module", "liger"):
+            try:
+                row.update(_split(forward_backward))
+            except Exception as err:  # e.g. host code reading values of a skipped launch's output
+                row["split_error"] = f"{type(err).__name__}: {err}"[:300]
         if profile:
             profiler = cProfile.Profile()
             profiler.enable()
@@ -137,6 +200,12 @@ def _table(rows):
         cells = [r.get(k) for k in ("eager_fwd_ms", "graph_fwd_ms", "enqueue_fwd_ms", "eager_fwd_bwd_ms",
                                     "graph_fwd_bwd_ms", "enqueue_fwd_bwd_ms")]
         lines.append(f"| {r['impl']} | {r['T']} | " + " | ".join("–" if c is None else f"{c:.2f}" for c in cells) + " |")
+    split = [r for r in rows if "triton_run_ms" in r]
+    if split:
+        lines += ["", "Host ms per fwd+bwd: in Triton's run (of which its C launcher), launches, enqueue without launches",
+                  "", "| impl | T | Triton run | C launcher | launches | enqueue without launches |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['impl']} | {r['T']} | {r['triton_run_ms']:.3f} | {r['launcher_ms']:.3f} | {r['launches']:.0f} | "
+                  f"{r['enqueue_without_launches_ms']:.3f} |" for r in split]
     return "\n".join(lines)
 
 

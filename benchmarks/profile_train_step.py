@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+import host_time
+
 CATEGORIES = (  # first match wins; lower-case substrings of kernel names
     ("experts", ("gate_up_swiglu", "grouped_gemm_kernel", "down_dgrad_dswiglu", "expert_wgrad", "combine_kernel",
                  "groupproblemshape", "fused_moe")),  # torch's grouped GEMMs: CUTLASS kernels on GroupProblemShape
@@ -66,6 +68,9 @@ def profile_step(impl, args, kernel, batches):
     step(batches[3])
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - start) * 1e3
+    with host_time._LaunchTimer() as launches:  # Triton's launch path (every Triton kernel: ours, Liger's)
+        step(batches[3])
+        torch.cuda.synchronize()
     host = cProfile.Profile()
     host.enable()
     step(batches[3])
@@ -80,6 +85,8 @@ def profile_step(impl, args, kernel, batches):
         by_category[_category(name)] = by_category.get(_category(name), 0.0) + ms
     events.sort(key=lambda e: -e[1])
     return {"impl": impl, "total_ms": sum(ms for _, ms, _ in events), "wall_ms": wall_ms, "by_category": by_category,
+            "triton_launches": launches.launches, "triton_run_ms": launches.run_s * 1e3,
+            "triton_launcher_ms": launches.launcher_s * 1e3,
             "top": [{"kernel": n[:120], "ms": ms, "count": c} for n, ms, c in events[:15]],
             "host_profile": text.getvalue()}
 
@@ -111,7 +118,8 @@ def main():
     Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     for r in results:
         print(f"\n{r['impl']} (lora r{args.lora_r}, checkpointing {args.gradient_checkpointing}): "
-              f"{r['total_ms']:.1f} ms of CUDA time in one step of {r['wall_ms']:.1f} ms")
+              f"{r['total_ms']:.1f} ms of CUDA time in one step of {r['wall_ms']:.1f} ms; {r['triton_launches']} Triton "
+              f"launches took {r['triton_run_ms']:.1f} ms of host time (C launcher {r['triton_launcher_ms']:.1f} ms)")
         for cat, ms in sorted(r["by_category"].items(), key=lambda kv: -kv[1]):
             print(f"  {cat:18s} {ms:8.1f} ms")
         for e in r["top"][:10]:
