@@ -7,8 +7,12 @@
 # Usage (GPU machine, repository root, wheels of kernels/tomlkit/liger-kernel/bitsandbytes in .whl):
 # SWEEP=1 last runs sweep_configs.py --nf4 (the 4-bit kinds' candidates and the M-tile height, SWEEP_KINDS) at
 # SWEEP_TOKENS. TESTS_AUTOTUNE=0 runs the tests at the default configs (the sweep checks the other candidates).
-#   [ROWS="qlora-liger:2048 lora-liger:2048 qlora:2048"] [STEPS=12] [CAP=22] [TESTS=1] [TEST_TARGETS=... TEST_K=...]
+#   [ROWS="qlora-liger:2048 lora-liger:2048 qlora:2048"] [STEPS=12] [CAP=22] [BATCH=1] [OPTIM=adamw8bit]
+#   [LORA_DTYPE=bfloat16] [TESTS=1] [TEST_TARGETS=... TEST_K=...]
 #   [TESTS_AUTOTUNE=1] [LAYER=0] [SWEEP=0] bash benchmarks/qlora.sh
+# The same rows at other settings rerun issue 16's full-depth LoRA rows (4x4096 tokens, fused AdamW, float32
+# adapters; peft-gmm = stock PEFT on grouped_mm, liger-peft = all-Liger, its experts too, + PEFT):
+#   ROWS="lora-liger:4096 lora:4096 peft-gmm:4096 liger-peft:4096" BATCH=4 OPTIM=adamw LORA_DTYPE=float32 TESTS=0
 set -uo pipefail
 : "${QWEN3_MOE_FUSED_COMMIT:?set QWEN3_MOE_FUSED_COMMIT=<the commit measured> (the copy of .git on the GPU machine can be stale)}"
 export QWEN3_MOE_FUSED_COMMIT
@@ -30,8 +34,8 @@ if [ "${TESTS:-1}" = 1 ]; then
     ${TEST_K:+-k "$TEST_K"} -q -p no:cacheprovider -rs --tb=short > "$OUT/qlora_tests.log" 2>&1
   echo "tests exit $? (${SECONDS} s)"; grep -E "passed|failed|error|^(FAILED|ERROR)|^E  " "$OUT/qlora_tests.log" | head -12
 fi
-common="--preset 30b-a3b --lora-r 16 --lora-dtype bfloat16 --optim adamw8bit --gradient-checkpointing --batch 1
-        --dtype bfloat16 --device cuda --steps ${STEPS:-12} --lr 1e-4 --no-progress --log-every 0"
+common="--preset 30b-a3b --lora-r 16 --lora-dtype ${LORA_DTYPE:-bfloat16} --optim ${OPTIM:-adamw8bit}
+        --gradient-checkpointing --batch ${BATCH:-1} --dtype bfloat16 --device cuda --steps ${STEPS:-12} --lr 1e-4 --no-progress --log-every 0"
 for row in ${ROWS-qlora-liger:2048 lora-liger:2048 qlora:2048}; do  # ROWS="" runs none
   kind=${row%%:*}; seq=${row##*:}; SECONDS=0
   case $kind in
@@ -40,6 +44,7 @@ for row in ${ROWS-qlora-liger:2048 lora-liger:2048 qlora:2048}; do  # ROWS="" ru
     lora-liger)  args="--piecewise --impl fused-liger";;
     lora)        args="--piecewise --impl fused";;
     peft-gmm)    args="--piecewise --impl grouped_mm";;
+    liger-peft)  args="--piecewise --impl liger";;
   esac
   timeout "${TIMEOUT:-170}" python3 -m qwen3_moe_patch.cli train $common --seq "$seq" $args --out "/tmp/runs/$row" \
     > "/tmp/runs/$kind-$seq.log" 2>&1
