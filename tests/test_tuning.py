@@ -29,6 +29,18 @@ def test_every_kind_has_a_default_and_distinct_candidates(kernel):
         assert len({json.dumps(c, sort_keys=True) for c in configs}) == len(configs) == 4, kind
 
 
+def test_host_integer_helpers_are_tritons(kernel):
+    """The grids and buffer sizes use plain-integer cdiv / next_power_of_2 (host time): the same values as
+    Triton's constexpr functions."""
+    import triton
+
+    for n in [*range(1, 300), 1023, 1024, 1025, 2**31 - 1, 2**31, 2**40 + 3]:
+        assert kernel.tuning.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 2, 3, 16, 64, 128, 1000):
+            assert kernel.tuning.cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    assert kernel.tuning.cdiv(0, 64) == triton.cdiv(0, 64) == 0
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter coverage; the GPU variant is below")
 @pytest.mark.parametrize("i", range(4))
 @pytest.mark.parametrize("case", ["uniform", "all_on_one_expert", "empty_experts"])

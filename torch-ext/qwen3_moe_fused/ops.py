@@ -75,14 +75,14 @@ def _route_fake(top_k_index, num_experts, block_m):
 
 def dequantize_4bit(weight) -> torch.Tensor:
     """``weights4bit.dequantize(weight)`` computed by the dequantize kernel (bit for bit the same values)."""
-    triton, _, kernels = _triton()
+    kernels = _triton()[2]
     # Triton 3.6's interpreter does not round float32 to bfloat16 to nearest: there the kernel writes float32
     # and torch rounds (the same single rounding the GPU's conversion makes)
     via_float32 = _INTERPRET and weight.dtype == torch.bfloat16
     out = torch.empty(weight.shape, dtype=torch.float32 if via_float32 else weight.dtype, device=weight.packed.device)
     block = 1024 if not _INTERPRET else 256
     q = _weight(weight.packed.view(1, 1, -1), q_list(weight), (weight.blocksize, weight.blocksize2))[2]
-    kernels.dequant4bit.dequantize_4bit_kernel[(triton.cdiv(weight.numel, block),)](
+    kernels.dequant4bit.dequantize_4bit_kernel[(tuning.cdiv(weight.numel, block),)](
         weight.packed, q["wq_absmax_ptr"], q["wq_code_ptr"], q["wq_absmax2_ptr"], q["wq_code2_ptr"],
         q["wq_offset_ptr"], out, weight.numel, BLOCKSIZE=q["W4_BLOCK"], NESTED=q["W4_NESTED"],
         BLOCKSIZE2=q["W4_BLOCK2"], BLOCK=block, **({} if _INTERPRET else {"enable_fp_fusion": False}),
@@ -118,11 +118,11 @@ def _acc(tl, dtype):
 
 
 def _combine(rows, weights, pair_row, out):
-    triton, tl, kernels = _triton()
+    _, tl, kernels = _triton()
     T, N = out.shape
     K = pair_row.numel() // max(T, 1)
     block_t, block_n = (16, 32) if _INTERPRET else (4, 512)
-    grid = (triton.cdiv(T, block_t), triton.cdiv(N, block_n))
+    grid = (tuning.cdiv(T, block_t), tuning.cdiv(N, block_n))
     w = weights if weights is not None else out
     kernels.combine.combine_kernel[grid](
         rows, w, pair_row, out, T, N, K,
@@ -147,7 +147,7 @@ def _grouped_gemm(a, b, k_dim, n_dim, routing, block_m, gather_slots=0, lora=Non
     = K reads a's rows by token; ``lora`` = (la, lb, n_dim, r_dim) adds a LoRA epilogue; ``scale`` (LoRA's thin
     products) multiplies the fp32 accumulator before the one rounding to a's dtype; ``b_q``/``b_blocks``: b is a
     4-bit weight's bytes (``_weight``)."""
-    triton, tl, kernels = _triton()
+    _, tl, kernels = _triton()
     row_pair, _, offsets, tile_expert, tile_row = routing
     b_shape, b_strides, b_args = _weight(b, b_q, b_blocks)
     n = b_shape[n_dim]
@@ -156,7 +156,7 @@ def _grouped_gemm(a, b, k_dim, n_dim, routing, block_m, gather_slots=0, lora=Non
     thin = n <= 64  # LoRA's rank-wide products
 
     def launch(blocks, options):
-        grid = (tile_expert.numel() * triton.cdiv(n, blocks["BLOCK_N"]),)
+        grid = (tile_expert.numel() * tuning.cdiv(n, blocks["BLOCK_N"]),)
         kernels.grouped_gemm.grouped_gemm_kernel[grid](
             a, b, c, row_pair_ptr=row_pair, tile_expert_ptr=tile_expert, tile_row_ptr=tile_row, offsets_ptr=offsets,
             N=n, KA=a.shape[1], K_SLOTS=max(gather_slots, 1), NUM_ROWS=row_pair.numel(), stride_at=a.stride(0),
@@ -173,25 +173,29 @@ def _grouped_gemm(a, b, k_dim, n_dim, routing, block_m, gather_slots=0, lora=Non
     return c
 
 
-def _expert_wgrad(a, b, routing, like, m_dim, n_dim, gather_slots=0):
+def _expert_wgrad(a, b, routing, like, m_dim, n_dim, gather_slots=0, row_weights=None):
     """out[e] (indexed on dims (m_dim, n_dim)) = Σ_{rows r of e} a[r]ᵀ ⊗ b[r or its token (gather_slots = K)]; out
-    is a new contiguous tensor shaped like ``like`` (the parameter whose gradient it is)."""
-    triton, tl, kernels = _triton()
+    is a new contiguous tensor shaped like ``like`` (the parameter whose gradient it is). ``row_weights`` [T, K]
+    (with gather_slots = K): each a[r] first scaled by its pair's weight, rounded once to a's dtype."""
+    _, tl, kernels = _triton()
     out = torch.empty_like(like, memory_format=torch.contiguous_format)
     row_pair, _, offsets, _, _ = routing
     M, N = a.shape[1], b.shape[1]
+    w = row_weights if row_weights is not None else out
 
     def launch(blocks, options):
         if M < blocks["BLOCK_M"]:  # LoRA's rank-sized factors
             blocks = dict(blocks, BLOCK_M=max(16, 1 << (M - 1).bit_length()))
-        grid = (out.shape[0] * triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(N, blocks["BLOCK_N"]),)
+        grid = (out.shape[0] * tuning.cdiv(M, blocks["BLOCK_M"]) * tuning.cdiv(N, blocks["BLOCK_N"]),)
         kernels.expert_wgrad.expert_wgrad_kernel[grid](
-            a, b, out, row_pair, offsets, M, N, max(gather_slots, 1), b.stride(0), b.stride(1), out.stride(0),
-            out.stride(m_dim), out.stride(n_dim), GATHER_B=gather_slots > 0, **blocks, ACC=_acc(tl, a.dtype),
+            a, b, out, row_pair, offsets, w, M, N, max(gather_slots, 1), b.stride(0), b.stride(1), out.stride(0),
+            out.stride(m_dim), out.stride(n_dim), w.stride(0), w.stride(-1), GATHER_B=gather_slots > 0,
+            ROW_WEIGHT=row_weights is not None, **blocks, ACC=_acc(tl, a.dtype),
             PRECISION=_PRECISION, **options,
         )
 
-    key = (M, N, gather_slots > 0, tuning.rows_bucket(row_pair.numel(), out.shape[0]))
+    key = (M, N, gather_slots > 0, tuning.rows_bucket(row_pair.numel(), out.shape[0]),
+           *(("row_weights",) if row_weights is not None else ()))
     tuning.choose("wgrad", key, a.dtype, launch, N)
     return out
 
@@ -217,7 +221,7 @@ def _experts_forward(
     down_q: list[torch.Tensor],
     q_blocks: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    triton, tl, kernels = _triton()
+    _, tl, kernels = _triton()
     routing = (row_pair, pair_row, offsets, tile_expert, tile_row)
     T, H = hidden.shape
     E, two_i, _ = gate_up_proj.shape
@@ -232,7 +236,7 @@ def _experts_forward(
     lora_args = _lora(xa, gate_up_b, 1, 2, dummy=z)
 
     def launch(blocks, options):
-        kernels.gate_up_swiglu.gate_up_swiglu_kernel[(tile_expert.numel() * triton.cdiv(I, blocks["BLOCK_N"]),)](
+        kernels.gate_up_swiglu.gate_up_swiglu_kernel[(tile_expert.numel() * tuning.cdiv(I, blocks["BLOCK_N"]),)](
             hidden, gate_up_proj, z, h, row_pair_ptr=row_pair, tile_expert_ptr=tile_expert, tile_row_ptr=tile_row,
             offsets_ptr=offsets, I=I, H=H, K_SLOTS=K, NUM_ROWS=T * K, stride_xt=hidden.stride(0),
             stride_xh=hidden.stride(1), stride_we=w1_strides[0], stride_wn=w1_strides[1], stride_wk=w1_strides[2],
@@ -287,7 +291,7 @@ def _experts_backward(
 ) -> list[torch.Tensor]:
     """Gradients for (hidden, top_k_weights, gate_up_proj, down_proj, gate_up_a, gate_up_b, down_a, down_b), each
     only where ``needs`` says so (else an empty tensor)."""
-    triton, tl, kernels = _triton()
+    _, tl, kernels = _triton()
     routing = (row_pair, pair_row, offsets, tile_expert, tile_row)
     need_hidden, need_weights, need_gate_up, need_down, need_gu_a, need_gu_b, need_down_a, need_down_b = needs
     T, H = hidden.shape
@@ -313,7 +317,7 @@ def _experts_backward(
         tile_m = blocks.get("BLOCK_M", block_m)
         if tile_m > block_m or block_m % tile_m:  # (the interpreter's 16-row routing under a forced 64-row config)
             tile_m = block_m
-        n_blocks = triton.cdiv(I, blocks["BLOCK_N"])
+        n_blocks = tuning.cdiv(I, blocks["BLOCK_N"])
         ds_partial = torch.empty(n_blocks, T * K, dtype=partial_dtype, device=z.device)
         kernels.down_dgrad_dswiglu.down_dgrad_dswiglu_kernel[(tile_expert.numel() * (block_m // tile_m) * n_blocks,)](
             grad_out, down_proj, z, top_k_weights, dz, hs, ds_partial, row_pair_ptr=row_pair,
@@ -330,7 +334,7 @@ def _experts_backward(
     if need_weights:
         grads[1] = torch.empty(T, K, dtype=top_k_weights.dtype, device=z.device)
         block = 1024 if not _INTERPRET else 32
-        kernels.combine.weight_grad_kernel[(triton.cdiv(T * K, block),)](
+        kernels.combine.weight_grad_kernel[(tuning.cdiv(T * K, block),)](
             ds_partial, pair_row, grads[1], T * K, T * K, ds_partial.shape[0], BLOCK=block, ACC=acc)
     dzb = None
     if gate_up_a is not None and (need_hidden or need_gu_a):
@@ -348,11 +352,8 @@ def _experts_backward(
     if need_down_a:
         grads[6] = _expert_wgrad(dob, hs, routing, down_a, 1, 2)
     del hs, dob
-    if need_down_b:
-        exact = torch.promote_types(z.dtype, torch.float32)  # weight the thin [TK, r] rows in fp32, round once
-        row_weight = top_k_weights.reshape(-1)[row_pair.long()].to(exact)  # routing weight of each row
-        grads[7] = _expert_wgrad((ha.to(exact) * row_weight[:, None]).to(z.dtype), grad_out, routing, down_b, 2, 1,
-                                 gather_slots=K)
+    if need_down_b:  # each row of the thin [TK, r] ha weighted by its routing weight inside the kernel
+        grads[7] = _expert_wgrad(ha, grad_out, routing, down_b, 2, 1, gather_slots=K, row_weights=top_k_weights)
     if need_gate_up:
         grads[2] = _expert_wgrad(dz, hidden, routing, gate_up_proj, 1, 2, gather_slots=K)
     if need_gu_a:

@@ -2,7 +2,9 @@
 
     dW1[e]  = Σ dz[r]ᵀ ⊗ x[t]       (a = dz [TK, 2I], b = x [T, H], out = dW1 [E, 2I, H])
     dW2[e]ᵀ = Σ hs[r]ᵀ ⊗ dOut[t]    (a = hs [TK, I], b = dOut [T, H], out = dW2 with its last strides swapped)
-and LoRA's factor gradients, with b gathered by token (GATHER_B) or read by row (b in expert order).
+and LoRA's factor gradients, with b gathered by token (GATHER_B) or read by row (b in expert order). ROW_WEIGHT
+scales each row of a by its pair's routing weight first (dB2 = Σ (s_r·ha[r])ᵀ ⊗ dOut[t]: the product in ACC,
+rounded once to a's dtype, as the dot's operand).
 One program per (expert, M-block, N-block) output tile, expert-major, looping over that expert's rows: deterministic,
 no atomics, and experts without rows store exact zeros.
 """
@@ -14,11 +16,11 @@ import triton.language as tl
 @triton.jit
 def expert_wgrad_kernel(
     a_ptr, b_ptr, out_ptr,
-    row_pair_ptr, offsets_ptr,
+    row_pair_ptr, offsets_ptr, w_ptr,
     M, N, K_SLOTS,
-    stride_bt, stride_bn, stride_oe, stride_om, stride_on,
-    GATHER_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    stride_bt, stride_bn, stride_oe, stride_om, stride_on, stride_wt, stride_wk,
+    GATHER_B: tl.constexpr, ROW_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # expert-major program order: the programs that run together read the same expert's rows from L2
     m_blocks = tl.cdiv(M, BLOCK_M)
@@ -37,11 +39,17 @@ def expert_wgrad_kernel(
     for r0 in range(row_start, row_end, BLOCK_K):
         rows = r0 + ks
         row_mask = rows < row_end
+        if GATHER_B or ROW_WEIGHT:
+            pair = tl.load(row_pair_ptr + rows, mask=row_mask, other=0)
         if GATHER_B:
-            b_index = (tl.load(row_pair_ptr + rows, mask=row_mask, other=0) // K_SLOTS).to(tl.int64)
+            b_index = (pair // K_SLOTS).to(tl.int64)
         else:
             b_index = rows.to(tl.int64)
         a = tl.load(a_ptr + rows[None, :].to(tl.int64) * M + ms[:, None], mask=m_mask[:, None] & row_mask[None, :], other=0.0)
+        if ROW_WEIGHT:
+            weight = tl.load(w_ptr + (pair // K_SLOTS).to(tl.int64) * stride_wt + (pair % K_SLOTS) * stride_wk,
+                             mask=row_mask, other=0.0)
+            a = (a.to(ACC) * weight.to(ACC)[None, :]).to(a.dtype)
         b = tl.load(b_ptr + b_index[:, None] * stride_bt + ns[None, :] * stride_bn, mask=row_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..tuning import max_tiles
+from ..tuning import cdiv, max_tiles, next_power_of_2
 
 _SUB = 64  # pairs a chunk's programs take per step (a [SUB, buckets] one-hot in registers)
 _MAX_CHUNKS = 256  # chunks per routing at most: the scan's serial loop stays short
@@ -118,9 +118,9 @@ def route(top_k_index: torch.Tensor, num_experts: int, block_m: int, one_buffer:
     a custom op's outputs must not share storage)."""
     ids = top_k_index.contiguous().view(-1)  # the kernels read ids at unit stride
     num_pairs = ids.numel()
-    num_buckets = triton.next_power_of_2(num_experts + 2)  # E experts, the dropped pairs, and bounds' end
-    chunk = max(_SUB, triton.next_power_of_2(triton.cdiv(num_pairs, _MAX_CHUNKS)))
-    num_chunks = max(1, triton.cdiv(num_pairs, chunk))
+    num_buckets = next_power_of_2(num_experts + 2)  # E experts, the dropped pairs, and bounds' end
+    chunk = max(_SUB, next_power_of_2(cdiv(num_pairs, _MAX_CHUNKS)))
+    num_chunks = max(1, cdiv(num_pairs, chunk))
     num_tiles = max_tiles(num_pairs, num_experts, block_m)
     sizes = (num_pairs, num_pairs, num_experts + 2, num_tiles, num_tiles, num_chunks * num_buckets,
              num_chunks * num_buckets)
