@@ -28,6 +28,7 @@ import torch
 
 from . import tuning
 from ._ops import add_op_namespace_prefix
+from .launch import launch
 from .tuning import block_m_for  # noqa: F401  (the functional API's M-tile height)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -82,10 +83,11 @@ def dequantize_4bit(weight) -> torch.Tensor:
     out = torch.empty(weight.shape, dtype=torch.float32 if via_float32 else weight.dtype, device=weight.packed.device)
     block = 1024 if not _INTERPRET else 256
     q = _weight(weight.packed.view(1, 1, -1), q_list(weight), (weight.blocksize, weight.blocksize2))[2]
-    kernels.dequant4bit.dequantize_4bit_kernel[(tuning.cdiv(weight.numel, block),)](
-        weight.packed, q["wq_absmax_ptr"], q["wq_code_ptr"], q["wq_absmax2_ptr"], q["wq_code2_ptr"],
-        q["wq_offset_ptr"], out, weight.numel, BLOCKSIZE=q["W4_BLOCK"], NESTED=q["W4_NESTED"],
-        BLOCKSIZE2=q["W4_BLOCK2"], BLOCK=block, **({} if _INTERPRET else {"enable_fp_fusion": False}),
+    launch(
+        kernels.dequant4bit.dequantize_4bit_kernel, (tuning.cdiv(weight.numel, block),), weight.packed,
+        q["wq_absmax_ptr"], q["wq_code_ptr"], q["wq_absmax2_ptr"], q["wq_code2_ptr"], q["wq_offset_ptr"], out,
+        weight.numel, BLOCKSIZE=q["W4_BLOCK"], NESTED=q["W4_NESTED"], BLOCKSIZE2=q["W4_BLOCK2"], BLOCK=block,
+        **({} if _INTERPRET else {"enable_fp_fusion": False}),
     )
     return out.to(weight.dtype)
 
@@ -124,10 +126,9 @@ def _combine(rows, weights, pair_row, out):
     block_t, block_n = (16, 32) if _INTERPRET else (4, 512)
     grid = (tuning.cdiv(T, block_t), tuning.cdiv(N, block_n))
     w = weights if weights is not None else out
-    kernels.combine.combine_kernel[grid](
-        rows, w, pair_row, out, T, N, K,
-        w.stride(0), w.stride(1), out.stride(0), out.stride(1),
-        WEIGHTED=weights is not None, BLOCK_T=block_t, BLOCK_N=block_n, ACC=_acc(tl, out.dtype),
+    launch(
+        kernels.combine.combine_kernel, grid, rows, w, pair_row, out, T, N, K, w.stride(0), w.stride(1), out.stride(0),
+        out.stride(1), WEIGHTED=weights is not None, BLOCK_T=block_t, BLOCK_N=block_n, ACC=_acc(tl, out.dtype),
     )
     return out
 
@@ -139,7 +140,7 @@ def _lora(la, lb, n_dim, r_dim, dummy):
         return dict(la_ptr=dummy, lb_ptr=dummy, stride_lbe=0, stride_lbn=0, stride_lbr=0, LORA_R=0, BLOCK_R=16)
     rank = la.shape[1]
     return dict(la_ptr=la, lb_ptr=lb, stride_lbe=lb.stride(0), stride_lbn=lb.stride(n_dim), stride_lbr=lb.stride(r_dim),
-                LORA_R=rank, BLOCK_R=max(16, 1 << (rank - 1).bit_length()))
+                LORA_R=rank, BLOCK_R=max(16, tuning.next_power_of_2(rank)))
 
 
 def _grouped_gemm(a, b, k_dim, n_dim, routing, block_m, gather_slots=0, lora=None, scale=None, b_q=(), b_blocks=()):
@@ -155,21 +156,21 @@ def _grouped_gemm(a, b, k_dim, n_dim, routing, block_m, gather_slots=0, lora=Non
     lora_args = _lora(*(lora or (None, None, 0, 0)), dummy=c)
     thin = n <= 64  # LoRA's rank-wide products
 
-    def launch(blocks, options):
+    def run(blocks, options):
         grid = (tile_expert.numel() * tuning.cdiv(n, blocks["BLOCK_N"]),)
-        kernels.grouped_gemm.grouped_gemm_kernel[grid](
-            a, b, c, row_pair_ptr=row_pair, tile_expert_ptr=tile_expert, tile_row_ptr=tile_row, offsets_ptr=offsets,
-            N=n, KA=a.shape[1], K_SLOTS=max(gather_slots, 1), NUM_ROWS=row_pair.numel(), stride_at=a.stride(0),
-            stride_ak=a.stride(1), stride_be=b_strides[0], stride_bk=b_strides[k_dim], stride_bn=b_strides[n_dim],
-            GATHER_A=gather_slots > 0, out_scale=1.0 if scale is None else float(scale), SCALE=scale is not None,
-            **lora_args, **b_args, W4_K_CONTIG=k_dim == 2, BLOCK_M=block_m, **blocks, ACC=_acc(tl, a.dtype),
-            PRECISION=_PRECISION, **options,
+        launch(
+            kernels.grouped_gemm.grouped_gemm_kernel, grid, a, b, c, row_pair_ptr=row_pair, tile_expert_ptr=tile_expert,
+            tile_row_ptr=tile_row, offsets_ptr=offsets, N=n, KA=a.shape[1], K_SLOTS=max(gather_slots, 1),
+            NUM_ROWS=row_pair.numel(), stride_at=a.stride(0), stride_ak=a.stride(1), stride_be=b_strides[0],
+            stride_bk=b_strides[k_dim], stride_bn=b_strides[n_dim], GATHER_A=gather_slots > 0,
+            out_scale=1.0 if scale is None else float(scale), SCALE=scale is not None, **lora_args, **b_args,
+            W4_K_CONTIG=k_dim == 2, BLOCK_M=block_m, **blocks, ACC=_acc(tl, a.dtype), PRECISION=_PRECISION, **options,
         )
 
     key = (n, a.shape[1], gather_slots > 0, lora_args["LORA_R"], block_m, tuning.rows_bucket(row_pair.numel(), b_shape[0]),
            *(("4bit",) if b_q else ()))
     kind = "thin" if thin else ("grouped_gemm_4bit" if b_q else "grouped_gemm")
-    tuning.choose(kind, key, a.dtype, launch, n, thin_n=n if thin else None)
+    tuning.choose(kind, key, a.dtype, run, n, thin_n=n if thin else None)
     return c
 
 
@@ -183,20 +184,20 @@ def _expert_wgrad(a, b, routing, like, m_dim, n_dim, gather_slots=0, row_weights
     M, N = a.shape[1], b.shape[1]
     w = row_weights if row_weights is not None else out
 
-    def launch(blocks, options):
+    def run(blocks, options):
         if M < blocks["BLOCK_M"]:  # LoRA's rank-sized factors
-            blocks = dict(blocks, BLOCK_M=max(16, 1 << (M - 1).bit_length()))
+            blocks = dict(blocks, BLOCK_M=max(16, tuning.next_power_of_2(M)))
         grid = (out.shape[0] * tuning.cdiv(M, blocks["BLOCK_M"]) * tuning.cdiv(N, blocks["BLOCK_N"]),)
-        kernels.expert_wgrad.expert_wgrad_kernel[grid](
-            a, b, out, row_pair, offsets, w, M, N, max(gather_slots, 1), b.stride(0), b.stride(1), out.stride(0),
-            out.stride(m_dim), out.stride(n_dim), w.stride(0), w.stride(-1), GATHER_B=gather_slots > 0,
-            ROW_WEIGHT=row_weights is not None, **blocks, ACC=_acc(tl, a.dtype),
+        launch(
+            kernels.expert_wgrad.expert_wgrad_kernel, grid, a, b, out, row_pair, offsets, w, M, N, max(gather_slots, 1),
+            b.stride(0), b.stride(1), out.stride(0), out.stride(m_dim), out.stride(n_dim), w.stride(0), w.stride(-1),
+            GATHER_B=gather_slots > 0, ROW_WEIGHT=row_weights is not None, **blocks, ACC=_acc(tl, a.dtype),
             PRECISION=_PRECISION, **options,
         )
 
     key = (M, N, gather_slots > 0, tuning.rows_bucket(row_pair.numel(), out.shape[0]),
            *(("row_weights",) if row_weights is not None else ()))
-    tuning.choose("wgrad", key, a.dtype, launch, N)
+    tuning.choose("wgrad", key, a.dtype, run, N)
     return out
 
 
@@ -235,17 +236,18 @@ def _experts_forward(
     h = hidden.new_empty(T * K, I)
     lora_args = _lora(xa, gate_up_b, 1, 2, dummy=z)
 
-    def launch(blocks, options):
-        kernels.gate_up_swiglu.gate_up_swiglu_kernel[(tile_expert.numel() * tuning.cdiv(I, blocks["BLOCK_N"]),)](
-            hidden, gate_up_proj, z, h, row_pair_ptr=row_pair, tile_expert_ptr=tile_expert, tile_row_ptr=tile_row,
-            offsets_ptr=offsets, I=I, H=H, K_SLOTS=K, NUM_ROWS=T * K, stride_xt=hidden.stride(0),
-            stride_xh=hidden.stride(1), stride_we=w1_strides[0], stride_wn=w1_strides[1], stride_wk=w1_strides[2],
-            **lora_args, **w1_args, BLOCK_M=block_m, **blocks, ACC=_acc(tl, hidden.dtype), PRECISION=_PRECISION,
-            **options,
+    def run(blocks, options):
+        grid = (tile_expert.numel() * tuning.cdiv(I, blocks["BLOCK_N"]),)
+        launch(
+            kernels.gate_up_swiglu.gate_up_swiglu_kernel, grid, hidden, gate_up_proj, z, h, row_pair_ptr=row_pair,
+            tile_expert_ptr=tile_expert, tile_row_ptr=tile_row, offsets_ptr=offsets, I=I, H=H, K_SLOTS=K,
+            NUM_ROWS=T * K, stride_xt=hidden.stride(0), stride_xh=hidden.stride(1), stride_we=w1_strides[0],
+            stride_wn=w1_strides[1], stride_wk=w1_strides[2], **lora_args, **w1_args, BLOCK_M=block_m, **blocks,
+            ACC=_acc(tl, hidden.dtype), PRECISION=_PRECISION, **options,
         )
 
     key = (I, H, lora_args["LORA_R"], block_m, tuning.rows_bucket(T * K, E), *(("4bit",) if gate_up_q else ()))
-    tuning.choose("gate_up_4bit" if gate_up_q else "gate_up", key, hidden.dtype, launch, I)
+    tuning.choose("gate_up_4bit" if gate_up_q else "gate_up", key, hidden.dtype, run, I)
     if down_a is not None:
         ha = _grouped_gemm(h, down_a, 2, 1, routing, block_m, scale=down_scale)
     y = _grouped_gemm(h, down_proj, 2, 1, routing, block_m, lora=(ha, down_b, 1, 2) if ha is not None else None,
@@ -312,30 +314,32 @@ def _experts_backward(
     partial_dtype = torch.float64 if acc == tl.float64 else torch.float32
     _, w2_strides, w2_args = _weight(down_proj, down_q, q_blocks[2:])
 
-    def launch(blocks, options):
+    def run(blocks, options):
         # dgrad may run lower M-tiles (its epilogue fits in registers at 64 rows): each routing tile is then split
         tile_m = blocks.get("BLOCK_M", block_m)
         if tile_m > block_m or block_m % tile_m:  # (the interpreter's 16-row routing under a forced 64-row config)
             tile_m = block_m
         n_blocks = tuning.cdiv(I, blocks["BLOCK_N"])
         ds_partial = torch.empty(n_blocks, T * K, dtype=partial_dtype, device=z.device)
-        kernels.down_dgrad_dswiglu.down_dgrad_dswiglu_kernel[(tile_expert.numel() * (block_m // tile_m) * n_blocks,)](
-            grad_out, down_proj, z, top_k_weights, dz, hs, ds_partial, row_pair_ptr=row_pair,
-            tile_expert_ptr=tile_expert, tile_row_ptr=tile_row, offsets_ptr=offsets, I=I, H=H, K_SLOTS=K,
-            NUM_ROWS=T * K, stride_dt=grad_out.stride(0), stride_dh=grad_out.stride(1), stride_we=w2_strides[0],
-            stride_wh=w2_strides[1], stride_wi=w2_strides[2], stride_st=top_k_weights.stride(0),
-            stride_sk=top_k_weights.stride(1), **lora_args, **w2_args, STORE_HS=store_hs, TILE_SPLIT=block_m // tile_m,
-            **dict(blocks, BLOCK_M=tile_m), ACC=acc, PRECISION=_PRECISION, **options,
+        grid = (tile_expert.numel() * (block_m // tile_m) * n_blocks,)
+        launch(
+            kernels.down_dgrad_dswiglu.down_dgrad_dswiglu_kernel, grid, grad_out, down_proj, z, top_k_weights, dz, hs,
+            ds_partial, row_pair_ptr=row_pair, tile_expert_ptr=tile_expert, tile_row_ptr=tile_row, offsets_ptr=offsets,
+            I=I, H=H, K_SLOTS=K, NUM_ROWS=T * K, stride_dt=grad_out.stride(0), stride_dh=grad_out.stride(1),
+            stride_we=w2_strides[0], stride_wh=w2_strides[1], stride_wi=w2_strides[2],
+            stride_st=top_k_weights.stride(0), stride_sk=top_k_weights.stride(1), **lora_args, **w2_args,
+            STORE_HS=store_hs, TILE_SPLIT=block_m // tile_m, **dict(blocks, BLOCK_M=tile_m), ACC=acc,
+            PRECISION=_PRECISION, **options,
         )
         return ds_partial
 
     key = (I, H, lora_args["LORA_R"], store_hs, block_m, tuning.rows_bucket(T * K, E), *(("4bit",) if down_q else ()))
-    ds_partial = tuning.choose("dgrad", key, z.dtype, launch, I)
+    ds_partial = tuning.choose("dgrad", key, z.dtype, run, I)
     if need_weights:
         grads[1] = torch.empty(T, K, dtype=top_k_weights.dtype, device=z.device)
         block = 1024 if not _INTERPRET else 32
-        kernels.combine.weight_grad_kernel[(tuning.cdiv(T * K, block),)](
-            ds_partial, pair_row, grads[1], T * K, T * K, ds_partial.shape[0], BLOCK=block, ACC=acc)
+        launch(kernels.combine.weight_grad_kernel, (tuning.cdiv(T * K, block),), ds_partial, pair_row, grads[1],
+               T * K, T * K, ds_partial.shape[0], BLOCK=block, ACC=acc)
     dzb = None
     if gate_up_a is not None and (need_hidden or need_gu_a):
         dzb = _grouped_gemm(dz, gate_up_b, 1, 2, routing, block_m, scale=gate_up_scale)

@@ -86,7 +86,7 @@ def next_power_of_2(n: int) -> int:
 
 def rows_bucket(num_rows: int, num_experts: int) -> int:
     """Rows per expert rounded up to a power of two: the part of a tuning key that follows the batch size."""
-    return 1 << max(0, (max(1, num_rows // max(1, num_experts)) - 1).bit_length())
+    return next_power_of_2(max(1, num_rows // max(1, num_experts)))
 
 
 def enabled() -> bool:
@@ -118,7 +118,7 @@ def _split(config, dtype, thin_n=None):
     launch = {k: v for k, v in config.items() if k.startswith("num_")}
     blocks["BLOCK_K"] = max(16, blocks["BLOCK_K"] * 2 // dtype.itemsize)
     if thin_n is not None:  # LoRA's thin products: one column block of the rank's width
-        blocks["BLOCK_N"] = max(16, 1 << (thin_n - 1).bit_length())
+        blocks["BLOCK_N"] = max(16, next_power_of_2(thin_n))
     _splits[(id(config), dtype, thin_n)] = config, (blocks, launch)
     return blocks, launch
 
@@ -158,7 +158,7 @@ def choose(kind, key, dtype, launch, n, thin_n=None):
         if config is None:
             blocks = dict(INTERPRETER, **({"BLOCK_M": _INTERPRETER_M[kind]} if kind in _INTERPRETER_M else {}))
             if thin_n is not None:
-                blocks["BLOCK_N"] = max(16, 1 << (thin_n - 1).bit_length())
+                blocks["BLOCK_N"] = max(16, next_power_of_2(thin_n))
             return launch(blocks, {})
         return launch(*_split(config, dtype, thin_n))
     if kind in _forced:
