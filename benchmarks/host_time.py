@@ -18,10 +18,11 @@ Gradients are set to None before every fwd+bwd (as do_bench's grad_to_none does)
 measurement includes accumulating into .grad.
 
 - split (Triton kernels only): the enqueue fwd+bwd again with Triton's launch path timed from inside — host ms
-  per call spent in ``JITFunction.run`` (binding, specialising, cache lookup) of which in the compiled kernel's
-  C launcher (argument parsing and cuLaunchKernel), the launches per call, and the enqueue with every Triton
-  launch skipped (the rest: our Python, torch ops, autograd). The three timed runs are separate, so the parts
-  need not add up exactly.
+  per call spent in ``JITFunction.run`` (binding, specialising, cache lookup; with launch plans, ``launch.py``,
+  only a plan's first launch goes there), in the compiled kernels' launcher (argument parsing and cuLaunchKernel;
+  every launch, a part of ``JITFunction.run``'s time where that path launches), the launches per call, and the
+  enqueue with the launcher skipped (everything else: Triton's Python path or the plans, our Python, torch ops,
+  autograd). The three timed runs are separate, so the parts need not add up exactly.
 
 ``--profile IMPL:T`` also prints the cProfile of 20 such fwd+bwd calls (top functions by own time).
 """
@@ -73,8 +74,9 @@ def _graph_ms(step):
 
 
 class _LaunchTimer:
-    """Within the block, the host time spent in Triton's ``JITFunction.run`` and in its C launcher
-    (``CudaLauncher.__call__``), and the number of launches; ``skip`` returns from ``run`` before anything runs."""
+    """Within the block, the host time spent in Triton's ``JITFunction.run`` (with launch plans, only each plan's
+    first launch) and in the compiled kernels' launcher (``CudaLauncher.__call__``, which every launch passes), and
+    the number of launches; ``skip`` returns from the launcher before anything runs."""
 
     def __init__(self, skip=False):
         from triton.backends.nvidia.driver import CudaLauncher
@@ -89,9 +91,6 @@ class _LaunchTimer:
         run, call = self.saved
 
         def timed_run(fn, *args, **kwargs):
-            self.launches += 1
-            if self.skip:
-                return None
             start = time.perf_counter()
             try:
                 return run(fn, *args, **kwargs)
@@ -99,6 +98,9 @@ class _LaunchTimer:
                 self.run_s += time.perf_counter() - start
 
         def timed_call(obj, *args, **kwargs):
+            self.launches += 1
+            if self.skip:
+                return None
             start = time.perf_counter()
             try:
                 return call(obj, *args, **kwargs)
