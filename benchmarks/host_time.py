@@ -24,6 +24,10 @@ measurement includes accumulating into .grad.
   enqueue with the launcher skipped (everything else: Triton's Python path or the plans, our Python, torch ops,
   autograd). The three timed runs are separate, so the parts need not add up exactly.
 
+- plans vs Triton's path (our kernels, builds with ``launch.py``): the enqueue fwd and fwd+bwd again, through the
+  launch plans and through Triton's own launch path, alternating 7 times in the same process (medians): the
+  host's speed drifts between processes and calls, so only this pair compares the two launch paths.
+
 ``--profile IMPL:T`` also prints the cProfile of 20 such fwd+bwd calls (top functions by own time).
 """
 
@@ -126,6 +130,21 @@ def _split(step, calls=CALLS):
                 launches=timer.launches / calls, enqueue_without_launches_ms=skipped)
 
 
+def _plans_vs_triton_path(steps, kernel, rounds=7):
+    """Enqueue ms per call of each step through the kernel's launch plans and through Triton's own launch path
+    (``launch.jit_path``), alternating in this process so that both see the same host: medians of ``rounds``."""
+    row = {}
+    for name, step in steps.items():
+        planned, triton_path = [], []
+        for _ in range(rounds):
+            planned.append(_enqueue_ms(step, runs=1))
+            with kernel.launch.jit_path():
+                triton_path.append(_enqueue_ms(step, runs=1))
+        row[f"enqueue_{name}_plans_ms"] = sorted(planned)[rounds // 2]
+        row[f"enqueue_{name}_triton_path_ms"] = sorted(triton_path)[rounds // 2]
+    return row
+
+
 def measure(impl, T, profile=False):
     """One row: eager, graph and enqueue milliseconds of ``impl`` at T tokens (errors are kept, not raised)."""
     kernel = _kernel()
@@ -155,6 +174,8 @@ def measure(impl, T, profile=False):
                                                           return_mode="median")
         row["enqueue_fwd_ms"] = _enqueue_ms(forward)
         row["enqueue_fwd_bwd_ms"] = _enqueue_ms(forward_backward)
+        if impl in ("fused", "module") and hasattr(kernel, "launch"):
+            row.update(_plans_vs_triton_path({"fwd": forward, "fwd_bwd": forward_backward}, kernel))
         if impl in ("fused", "module", "liger"):
             try:
                 row.update(_split(forward_backward))
@@ -208,6 +229,13 @@ def _table(rows):
                   "", "| impl | T | Triton run | C launcher | launches | enqueue without launches |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['impl']} | {r['T']} | {r['triton_run_ms']:.3f} | {r['launcher_ms']:.3f} | {r['launches']:.0f} | "
                   f"{r['enqueue_without_launches_ms']:.3f} |" for r in split]
+    ab = [r for r in rows if "enqueue_fwd_bwd_plans_ms" in r]
+    if ab:
+        lines += ["", "Enqueue ms per call, launch plans vs Triton's own launch path (alternating in one process)", "",
+                  "| impl | T | fwd: plans | fwd: Triton's path | fwd+bwd: plans | fwd+bwd: Triton's path |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['impl']} | {r['T']} | {r['enqueue_fwd_plans_ms']:.3f} | {r['enqueue_fwd_triton_path_ms']:.3f} | "
+                  f"{r['enqueue_fwd_bwd_plans_ms']:.3f} | {r['enqueue_fwd_bwd_triton_path_ms']:.3f} |" for r in ab]
     return "\n".join(lines)
 
 

@@ -28,7 +28,7 @@ import torch
 
 from . import tuning
 from ._ops import add_op_namespace_prefix
-from .launch import launch
+from .launch import launcher
 from .tuning import block_m_for  # noqa: F401  (the functional API's M-tile height)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -83,11 +83,10 @@ def dequantize_4bit(weight) -> torch.Tensor:
     out = torch.empty(weight.shape, dtype=torch.float32 if via_float32 else weight.dtype, device=weight.packed.device)
     block = 1024 if not _INTERPRET else 256
     q = _weight(weight.packed.view(1, 1, -1), q_list(weight), (weight.blocksize, weight.blocksize2))[2]
-    launch(
-        kernels.dequant4bit.dequantize_4bit_kernel, (tuning.cdiv(weight.numel, block),), weight.packed,
-        q["wq_absmax_ptr"], q["wq_code_ptr"], q["wq_absmax2_ptr"], q["wq_code2_ptr"], q["wq_offset_ptr"], out,
-        weight.numel, BLOCKSIZE=q["W4_BLOCK"], NESTED=q["W4_NESTED"], BLOCKSIZE2=q["W4_BLOCK2"], BLOCK=block,
-        **({} if _INTERPRET else {"enable_fp_fusion": False}),
+    launcher(kernels.dequant4bit.dequantize_4bit_kernel)(
+        (tuning.cdiv(weight.numel, block),), weight.packed, q["wq_absmax_ptr"], q["wq_code_ptr"], q["wq_absmax2_ptr"],
+        q["wq_code2_ptr"], q["wq_offset_ptr"], out, weight.numel, BLOCKSIZE=q["W4_BLOCK"], NESTED=q["W4_NESTED"],
+        BLOCKSIZE2=q["W4_BLOCK2"], BLOCK=block, **({} if _INTERPRET else {"enable_fp_fusion": False}),
     )
     return out.to(weight.dtype)
 
@@ -126,9 +125,9 @@ def _combine(rows, weights, pair_row, out):
     block_t, block_n = (16, 32) if _INTERPRET else (4, 512)
     grid = (tuning.cdiv(T, block_t), tuning.cdiv(N, block_n))
     w = weights if weights is not None else out
-    launch(
-        kernels.combine.combine_kernel, grid, rows, w, pair_row, out, T, N, K, w.stride(0), w.stride(1), out.stride(0),
-        out.stride(1), WEIGHTED=weights is not None, BLOCK_T=block_t, BLOCK_N=block_n, ACC=_acc(tl, out.dtype),
+    launcher(kernels.combine.combine_kernel)(
+        grid, rows, w, pair_row, out, T, N, K, w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+        WEIGHTED=weights is not None, BLOCK_T=block_t, BLOCK_N=block_n, ACC=_acc(tl, out.dtype),
     )
     return out
 
@@ -158,13 +157,13 @@ def _grouped_gemm(a, b, k_dim, n_dim, routing, block_m, gather_slots=0, lora=Non
 
     def run(blocks, options):
         grid = (tile_expert.numel() * tuning.cdiv(n, blocks["BLOCK_N"]),)
-        launch(
-            kernels.grouped_gemm.grouped_gemm_kernel, grid, a, b, c, row_pair_ptr=row_pair, tile_expert_ptr=tile_expert,
-            tile_row_ptr=tile_row, offsets_ptr=offsets, N=n, KA=a.shape[1], K_SLOTS=max(gather_slots, 1),
-            NUM_ROWS=row_pair.numel(), stride_at=a.stride(0), stride_ak=a.stride(1), stride_be=b_strides[0],
-            stride_bk=b_strides[k_dim], stride_bn=b_strides[n_dim], GATHER_A=gather_slots > 0,
-            out_scale=1.0 if scale is None else float(scale), SCALE=scale is not None, **lora_args, **b_args,
-            W4_K_CONTIG=k_dim == 2, BLOCK_M=block_m, **blocks, ACC=_acc(tl, a.dtype), PRECISION=_PRECISION, **options,
+        launcher(kernels.grouped_gemm.grouped_gemm_kernel)(
+            grid, a, b, c, row_pair_ptr=row_pair, tile_expert_ptr=tile_expert, tile_row_ptr=tile_row,
+            offsets_ptr=offsets, N=n, KA=a.shape[1], K_SLOTS=max(gather_slots, 1), NUM_ROWS=row_pair.numel(),
+            stride_at=a.stride(0), stride_ak=a.stride(1), stride_be=b_strides[0], stride_bk=b_strides[k_dim],
+            stride_bn=b_strides[n_dim], GATHER_A=gather_slots > 0, out_scale=1.0 if scale is None else float(scale),
+            SCALE=scale is not None, **lora_args, **b_args, W4_K_CONTIG=k_dim == 2, BLOCK_M=block_m, **blocks,
+            ACC=_acc(tl, a.dtype), PRECISION=_PRECISION, **options,
         )
 
     key = (n, a.shape[1], gather_slots > 0, lora_args["LORA_R"], block_m, tuning.rows_bucket(row_pair.numel(), b_shape[0]),
@@ -188,11 +187,10 @@ def _expert_wgrad(a, b, routing, like, m_dim, n_dim, gather_slots=0, row_weights
         if M < blocks["BLOCK_M"]:  # LoRA's rank-sized factors
             blocks = dict(blocks, BLOCK_M=max(16, tuning.next_power_of_2(M)))
         grid = (out.shape[0] * tuning.cdiv(M, blocks["BLOCK_M"]) * tuning.cdiv(N, blocks["BLOCK_N"]),)
-        launch(
-            kernels.expert_wgrad.expert_wgrad_kernel, grid, a, b, out, row_pair, offsets, w, M, N, max(gather_slots, 1),
-            b.stride(0), b.stride(1), out.stride(0), out.stride(m_dim), out.stride(n_dim), w.stride(0), w.stride(-1),
-            GATHER_B=gather_slots > 0, ROW_WEIGHT=row_weights is not None, **blocks, ACC=_acc(tl, a.dtype),
-            PRECISION=_PRECISION, **options,
+        launcher(kernels.expert_wgrad.expert_wgrad_kernel)(
+            grid, a, b, out, row_pair, offsets, w, M, N, max(gather_slots, 1), b.stride(0), b.stride(1), out.stride(0),
+            out.stride(m_dim), out.stride(n_dim), w.stride(0), w.stride(-1), GATHER_B=gather_slots > 0,
+            ROW_WEIGHT=row_weights is not None, **blocks, ACC=_acc(tl, a.dtype), PRECISION=_PRECISION, **options,
         )
 
     key = (M, N, gather_slots > 0, tuning.rows_bucket(row_pair.numel(), out.shape[0]),
@@ -238,12 +236,12 @@ def _experts_forward(
 
     def run(blocks, options):
         grid = (tile_expert.numel() * tuning.cdiv(I, blocks["BLOCK_N"]),)
-        launch(
-            kernels.gate_up_swiglu.gate_up_swiglu_kernel, grid, hidden, gate_up_proj, z, h, row_pair_ptr=row_pair,
-            tile_expert_ptr=tile_expert, tile_row_ptr=tile_row, offsets_ptr=offsets, I=I, H=H, K_SLOTS=K,
-            NUM_ROWS=T * K, stride_xt=hidden.stride(0), stride_xh=hidden.stride(1), stride_we=w1_strides[0],
-            stride_wn=w1_strides[1], stride_wk=w1_strides[2], **lora_args, **w1_args, BLOCK_M=block_m, **blocks,
-            ACC=_acc(tl, hidden.dtype), PRECISION=_PRECISION, **options,
+        launcher(kernels.gate_up_swiglu.gate_up_swiglu_kernel)(
+            grid, hidden, gate_up_proj, z, h, row_pair_ptr=row_pair, tile_expert_ptr=tile_expert, tile_row_ptr=tile_row,
+            offsets_ptr=offsets, I=I, H=H, K_SLOTS=K, NUM_ROWS=T * K, stride_xt=hidden.stride(0),
+            stride_xh=hidden.stride(1), stride_we=w1_strides[0], stride_wn=w1_strides[1], stride_wk=w1_strides[2],
+            **lora_args, **w1_args, BLOCK_M=block_m, **blocks, ACC=_acc(tl, hidden.dtype), PRECISION=_PRECISION,
+            **options,
         )
 
     key = (I, H, lora_args["LORA_R"], block_m, tuning.rows_bucket(T * K, E), *(("4bit",) if gate_up_q else ()))
@@ -322,14 +320,13 @@ def _experts_backward(
         n_blocks = tuning.cdiv(I, blocks["BLOCK_N"])
         ds_partial = torch.empty(n_blocks, T * K, dtype=partial_dtype, device=z.device)
         grid = (tile_expert.numel() * (block_m // tile_m) * n_blocks,)
-        launch(
-            kernels.down_dgrad_dswiglu.down_dgrad_dswiglu_kernel, grid, grad_out, down_proj, z, top_k_weights, dz, hs,
-            ds_partial, row_pair_ptr=row_pair, tile_expert_ptr=tile_expert, tile_row_ptr=tile_row, offsets_ptr=offsets,
-            I=I, H=H, K_SLOTS=K, NUM_ROWS=T * K, stride_dt=grad_out.stride(0), stride_dh=grad_out.stride(1),
-            stride_we=w2_strides[0], stride_wh=w2_strides[1], stride_wi=w2_strides[2],
-            stride_st=top_k_weights.stride(0), stride_sk=top_k_weights.stride(1), **lora_args, **w2_args,
-            STORE_HS=store_hs, TILE_SPLIT=block_m // tile_m, **dict(blocks, BLOCK_M=tile_m), ACC=acc,
-            PRECISION=_PRECISION, **options,
+        launcher(kernels.down_dgrad_dswiglu.down_dgrad_dswiglu_kernel)(
+            grid, grad_out, down_proj, z, top_k_weights, dz, hs, ds_partial, row_pair_ptr=row_pair,
+            tile_expert_ptr=tile_expert, tile_row_ptr=tile_row, offsets_ptr=offsets, I=I, H=H, K_SLOTS=K,
+            NUM_ROWS=T * K, stride_dt=grad_out.stride(0), stride_dh=grad_out.stride(1), stride_we=w2_strides[0],
+            stride_wh=w2_strides[1], stride_wi=w2_strides[2], stride_st=top_k_weights.stride(0),
+            stride_sk=top_k_weights.stride(1), **lora_args, **w2_args, STORE_HS=store_hs, TILE_SPLIT=block_m // tile_m,
+            **dict(blocks, BLOCK_M=tile_m), ACC=acc, PRECISION=_PRECISION, **options,
         )
         return ds_partial
 
@@ -338,8 +335,10 @@ def _experts_backward(
     if need_weights:
         grads[1] = torch.empty(T, K, dtype=top_k_weights.dtype, device=z.device)
         block = 1024 if not _INTERPRET else 32
-        launch(kernels.combine.weight_grad_kernel, (tuning.cdiv(T * K, block),), ds_partial, pair_row, grads[1],
-               T * K, T * K, ds_partial.shape[0], BLOCK=block, ACC=acc)
+        launcher(kernels.combine.weight_grad_kernel)(
+            (tuning.cdiv(T * K, block),), ds_partial, pair_row, grads[1], T * K, T * K, ds_partial.shape[0],
+            BLOCK=block, ACC=acc,
+        )
     dzb = None
     if gate_up_a is not None and (need_hidden or need_gu_a):
         dzb = _grouped_gemm(dz, gate_up_b, 1, 2, routing, block_m, scale=gate_up_scale)

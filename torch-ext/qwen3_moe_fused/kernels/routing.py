@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import launch
+from ..launch import launcher
 from ..tuning import cdiv, max_tiles, next_power_of_2
 
 _SUB = 64  # pairs a chunk's programs take per step (a [SUB, buckets] one-hot in registers)
@@ -130,10 +130,15 @@ def route(top_k_index: torch.Tensor, num_experts: int, block_m: int, one_buffer:
     else:
         buffers = [torch.empty(size, dtype=torch.int32, device=ids.device) for size in sizes]
     row_pair, pair_row, bounds, tile_expert, tile_row, counts, before = buffers
-    launch(routing_count_kernel, (num_chunks,), ids, counts, num_pairs, num_experts, chunk, SUB=_SUB,
-           NUM_BUCKETS=num_buckets, num_warps=4)
-    launch(routing_scan_kernel, (1,), counts, before, bounds, tile_expert, tile_row, num_chunks, num_experts, block_m,
-           num_tiles, CHUNKS=16, TILES=64, NUM_BUCKETS=num_buckets, num_warps=8)
-    launch(routing_scatter_kernel, (num_chunks,), ids, before, bounds, row_pair, pair_row, num_pairs, num_experts,
-           chunk, SUB=_SUB, NUM_BUCKETS=num_buckets, num_warps=4)
+    launcher(routing_count_kernel)(
+        (num_chunks,), ids, counts, num_pairs, num_experts, chunk, SUB=_SUB, NUM_BUCKETS=num_buckets, num_warps=4,
+    )
+    launcher(routing_scan_kernel)(
+        (1,), counts, before, bounds, tile_expert, tile_row, num_chunks, num_experts, block_m, num_tiles, CHUNKS=16,
+        TILES=64, NUM_BUCKETS=num_buckets, num_warps=8,
+    )
+    launcher(routing_scatter_kernel)(
+        (num_chunks,), ids, before, bounds, row_pair, pair_row, num_pairs, num_experts, chunk, SUB=_SUB,
+        NUM_BUCKETS=num_buckets, num_warps=4,
+    )
     return DeviceRouting(row_pair, pair_row, bounds[: num_experts + 1], tile_expert, tile_row)
