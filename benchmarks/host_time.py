@@ -28,7 +28,8 @@ measurement includes accumulating into .grad.
   launch plans and through Triton's own launch path, alternating 7 times in the same process (medians): the
   host's speed drifts between processes and calls, so only this pair compares the two launch paths.
 
-``--profile IMPL:T`` also prints the cProfile of 20 such fwd+bwd calls (top functions by own time).
+``--profile IMPL:T`` also prints the cProfile of 20 such fwd+bwd calls (top functions by own time, then by
+cumulative time).
 """
 
 import argparse
@@ -187,7 +188,8 @@ def measure(impl, T, profile=False):
             _enqueue_ms(forward_backward, runs=1)
             profiler.disable()
             print(f"\ncProfile of {CALLS} fwd+bwd calls of {row['impl']} at T={T} (host only)", file=sys.stderr)
-            pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)
+            for order in ("tottime", "cumulative"):
+                pstats.Stats(profiler, stream=sys.stderr).sort_stats(order).print_stats(30)
     except Exception as err:
         row["error"] = f"{type(err).__name__}: {err}"[:300]
         return row
