@@ -45,9 +45,6 @@ class Kernel:
     def __call__(self, grid, *args, **kwargs):
         self.launch(grid, *args, **kwargs)
 
-    def triton_launch(self, grid, *args, **kwargs):
-        self.kernel[grid](*args, **kwargs)
-
     def _first_launch(self, grid, *args, **kwargs):
         bound = inspect.signature(self.kernel.fn).bind(*args, **{k: v for k, v in kwargs.items()
                                                                  if k in self.kernel.arg_names})
@@ -129,15 +126,18 @@ def launcher(kernel):
     """The function launching a Triton kernel: ``launcher(kernel)(grid, *args, **kwargs)`` does what
     ``kernel[grid](*args, **kwargs)`` does (``kwargs`` may hold launch options such as num_warps), through launch
     plans where this Triton supports them. (Returned rather than called, so the arguments are bound once.)"""
+    if not _plans_on:
+        return _TritonPath(kernel).launch
     planned = _kernels.get(id(kernel))
     if planned is None:
         planned = _kernels[id(kernel)] = _new(kernel)
-    return planned.launch if _plans_on else planned.triton_launch
+    return planned.launch
 
 
 @contextlib.contextmanager
 def jit_path():
-    """Within the block every launch takes Triton's own path (benchmarks time the two side by side)."""
+    """Within the block every launch takes Triton's own path, and no plan is made (benchmarks time the two side by
+    side; tests/hopper_compile.py records launches at ``JITFunction.run`` without a GPU)."""
     global _plans_on
     saved, _plans_on = _plans_on, False
     try:
@@ -150,10 +150,8 @@ class _TritonPath:
     def __init__(self, kernel):
         self.kernel = kernel
 
-    def triton_launch(self, grid, *args, **kwargs):
+    def launch(self, grid, *args, **kwargs):
         self.kernel[grid](*args, **kwargs)
-
-    launch = triton_launch
 
 
 def _new(kernel):
