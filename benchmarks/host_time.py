@@ -233,11 +233,12 @@ def _table(rows):
                   f"{r['enqueue_without_launches_ms']:.3f} |" for r in split]
     ab = [r for r in rows if "enqueue_fwd_bwd_plans_ms" in r]
     if ab:
-        lines += ["", "Enqueue ms per call, launch plans vs Triton's own launch path (alternating in one process)", "",
-                  "| impl | T | fwd: plans | fwd: Triton's path | fwd+bwd: plans | fwd+bwd: Triton's path |",
+        lines += ["", "Enqueue ms per call, launch plans vs Triton's own launch path (alternating in one process)",
+                  "", "| impl | T | fwd: plans | fwd: Triton's path | fwd+bwd: plans | fwd+bwd: Triton's path |",
                   "|---|---|---|---|---|---|"]
-        lines += [f"| {r['impl']} | {r['T']} | {r['enqueue_fwd_plans_ms']:.3f} | {r['enqueue_fwd_triton_path_ms']:.3f} | "
-                  f"{r['enqueue_fwd_bwd_plans_ms']:.3f} | {r['enqueue_fwd_bwd_triton_path_ms']:.3f} |" for r in ab]
+        cells = ("enqueue_fwd_plans_ms", "enqueue_fwd_triton_path_ms", "enqueue_fwd_bwd_plans_ms",
+                 "enqueue_fwd_bwd_triton_path_ms")
+        lines += [f"| {r['impl']} | {r['T']} | " + " | ".join(f"{r[c]:.3f}" for c in cells) + " |" for r in ab]
     return "\n".join(lines)
 
 

@@ -44,24 +44,25 @@ def _kernel_fn(x_ptr, y_ptr, n, scale, BLOCK=64):
 def fake(kernel):
     hooks = []
     jit = FakeJIT(_kernel_fn)
-    planned = kernel.launch.Kernel(jit, device=lambda: 0, stream=lambda device: 1234 + device, hooks=lambda: bool(hooks))
+    planned = kernel.launch.Kernel(jit, device=lambda: 0, stream=lambda device: 1234 + device,
+                                   hooks=lambda: bool(hooks))
     return jit, planned, hooks
 
 
 def test_a_plan_is_reused_only_for_the_same_specialisation(fake):
     jit, planned, hooks = fake
     x, y = torch.randn(64), torch.randn(64)
-    planned((4,), x, y, 64, 0.5, BLOCK=32, num_warps=4)
+    planned.launch((4,), x, y, 64, 0.5, BLOCK=32, num_warps=4)
     assert len(jit.jit_calls) == 1 and not jit.launches  # the first launch is Triton's
     x2, y2 = torch.randn(64), torch.randn(64)  # other tensors, same dtypes and alignment
-    planned((5, 2), x2, y2, 64, 0.5, BLOCK=32, num_warps=4)
+    planned.launch((5, 2), x2, y2, 64, 0.5, BLOCK=32, num_warps=4)
     assert len(jit.jit_calls) == 1
-    assert jit.launches == [(5, 2, 1, 1234, "function1", "metadata1", None, None, None, x2.data_ptr(), y2.data_ptr(), 64,
-                             0.5, 32)]
+    assert jit.launches == [(5, 2, 1, 1234, "function1", "metadata1", None, None, None, x2.data_ptr(), y2.data_ptr(),
+                             64, 0.5, 32)]
 
     def jit_calls_after(*args, **kwargs):
         before = len(jit.jit_calls)
-        planned((1,), *args, **kwargs)
+        planned.launch((1,), *args, **kwargs)
         return len(jit.jit_calls) - before
 
     assert jit_calls_after(x, y, 63, 0.5, BLOCK=32, num_warps=4) == 1  # another int: Triton specialises on it
@@ -79,21 +80,21 @@ def test_a_plan_is_reused_only_for_the_same_specialisation(fake):
 def test_launch_hooks_and_changed_argument_kinds_take_or_refuse_the_plan(fake):
     jit, planned, hooks = fake
     x, y = torch.randn(64), torch.randn(64)
-    planned((4,), x, y, 64, 0.5)
-    planned((4,), x, y, 64, 0.5)
+    planned.launch((4,), x, y, 64, 0.5)
+    planned.launch((4,), x, y, 64, 0.5)
     hooks.append("profiler")  # a launch hook is set: every launch through Triton, so the hook sees it
-    planned((4,), x, y, 64, 0.5)
-    planned((4,), x, y, 64, 0.5)
+    planned.launch((4,), x, y, 64, 0.5)
+    planned.launch((4,), x, y, 64, 0.5)
     assert len(jit.jit_calls) == 3 and len(jit.launches) == 1
     hooks.clear()
-    planned((4,), x, y, 64.0, 0.5)
+    planned.launch((4,), x, y, 64.0, 0.5)
     assert len(jit.jit_calls) == 4  # 64.0 == 64, but Triton compiles a float argument for a float
-    planned((4,), x, y, 64.0, 0.5)
+    planned.launch((4,), x, y, 64.0, 0.5)
     assert len(jit.jit_calls) == 4 and len(jit.launches) == 2
     with pytest.raises(TypeError, match=r"_kernel_fn .*scale: <class 'float'> -> tensor"):
-        planned((4,), x, y, 64, torch.tensor(0.5))
+        planned.launch((4,), x, y, 64, torch.tensor(0.5))
     with pytest.raises(TypeError, match=r"y_ptr: tensor -> <class 'int'>"):
-        planned((4,), x, y.data_ptr(), 64, 0.5)
+        planned.launch((4,), x, y.data_ptr(), 64, 0.5)
 
 
 def test_kernels_off_the_tested_triton_take_its_path_and_say_so_once(kernel, monkeypatch, caplog):
