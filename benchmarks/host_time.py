@@ -17,6 +17,11 @@ and both weights). Per implementation and T:
 Gradients are set to None before every fwd+bwd (as do_bench's grad_to_none does) and before capture, so no
 measurement includes accumulating into .grad.
 
+- chain (ours and Liger's): the enqueue fwd+bwd per layer of CHAIN calls chained as layers are (each call's output
+  the next one's input) with one backward, as a model's step runs them: ``backward()`` hands the graph to
+  autograd's device thread once per step, not once per layer, so this is a layer's host time inside a step,
+  where the fwd+bwd column above also holds that handoff.
+
 - split (Triton kernels only): the enqueue fwd+bwd again with Triton's launch path timed from inside — host ms
   per call spent in ``JITFunction.run`` (binding, specialising, cache lookup; with launch plans, ``launch.py``,
   only a plan's first launch goes there), in the compiled kernels' launcher (argument parsing and cuLaunchKernel;
@@ -47,6 +52,7 @@ import triton
 import bench_experts
 
 CALLS = 20
+CHAIN = 20  # layers per backward in the chain column (400 launches per call: CUDA's launch queue holds them)
 LABELS = {"fused": "qwen3-moe-fused", "module": "qwen3-moe-fused (experts module)",
           "grouped_mm": "transformers grouped_mm", "liger": "liger fused_moe"}
 
@@ -166,6 +172,14 @@ def measure(impl, T, profile=False):
             t.grad = None
         fn(*args).backward(dout)
 
+    def chain_forward_backward():
+        for t in leaves:
+            t.grad = None
+        hidden = x
+        for _ in range(CHAIN):
+            hidden = fn(hidden, *args[1:])
+        hidden.backward(dout)
+
     try:
         forward_backward()  # compile and autotune outside every measurement
         for t in leaves:
@@ -175,6 +189,9 @@ def measure(impl, T, profile=False):
                                                           return_mode="median")
         row["enqueue_fwd_ms"] = _enqueue_ms(forward)
         row["enqueue_fwd_bwd_ms"] = _enqueue_ms(forward_backward)
+        if impl in ("fused", "module", "liger"):
+            chain_forward_backward()
+            row["enqueue_chain_fwd_bwd_ms"] = _enqueue_ms(chain_forward_backward, calls=2) / CHAIN
         if impl in ("fused", "module") and hasattr(kernel, "launch"):
             row.update(_plans_vs_triton_path({"fwd": forward, "fwd_bwd": forward_backward}, kernel))
         if impl in ("fused", "module", "liger"):
@@ -225,6 +242,12 @@ def _table(rows):
         cells = [r.get(k) for k in ("eager_fwd_ms", "graph_fwd_ms", "enqueue_fwd_ms", "eager_fwd_bwd_ms",
                                     "graph_fwd_bwd_ms", "enqueue_fwd_bwd_ms")]
         lines.append(f"| {r['impl']} | {r['T']} | " + " | ".join("–" if c is None else f"{c:.2f}" for c in cells) + " |")
+    chain = [r for r in rows if "enqueue_chain_fwd_bwd_ms" in r]
+    if chain:
+        lines += ["", f"Enqueue ms per layer, fwd+bwd of {CHAIN} chained calls with one backward (a layer inside a step) "
+                  "against one call per backward", "", "| impl | T | chained, per layer | one call |", "|---|---|---|---|"]
+        lines += [f"| {r['impl']} | {r['T']} | {r['enqueue_chain_fwd_bwd_ms']:.3f} | {r['enqueue_fwd_bwd_ms']:.3f} |"
+                  for r in chain]
     split = [r for r in rows if "triton_run_ms" in r]
     if split:
         lines += ["", "Host ms per fwd+bwd: in Triton's run (of which its C launcher), launches, enqueue without launches",

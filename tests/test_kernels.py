@@ -120,6 +120,41 @@ def test_int32_indices_and_frozen_experts(kernel):
         assert_close_rel(got, want, TOL[torch.float32], name)
 
 
+@pytest.mark.parametrize("frozen", [0, 1], ids=["hidden", "top_k_weights"])
+def test_hidden_or_routing_weights_without_gradient(kernel, frozen):
+    """dX and the routing weights' gradient come from one gather-sum launch; each is also formed alone (a first
+    layer's input needs no gradient), with the same values."""
+    leaves, index, grad_out = _problem("sentinel_ids", torch.float64, 20)
+    leaves[frozen].requires_grad_(False)
+    out, grads = _run(kernel, leaves, index, grad_out)
+    ref_out, ref_grads = _reference(kernel, leaves, index, grad_out)
+    names = [name for name, t in zip(NAMES[1:], leaves) if t.requires_grad]
+    assert len(grads) == len(names) == 3
+    for name, got, want in zip(("out", *names), (out, *grads), (ref_out, *ref_grads)):
+        assert_close_rel(got, want, TOL[torch.float64], name)
+
+
+def test_launches_per_forward_and_backward(kernel, monkeypatch):
+    """Each launch costs the host tens of microseconds (benchmarks/NOTES.md 21, 23), so the count is pinned: the
+    routing in two, then gate_up, down and the weighted combine; dgrad, dX's rows, their gather-sum with the
+    routing weights' gradient, and the two weight gradients."""
+    launched = []
+    path = kernel.launch._TritonPath
+    triton_launch = path.launch
+
+    def counted(self, grid, *args, **kwargs):
+        launched.append(getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__)
+        return triton_launch(self, grid, *args, **kwargs)
+
+    monkeypatch.setattr(path, "launch", counted)
+    leaves, index, grad_out = _problem("uniform", torch.float32, 21)
+    with kernel.launch.jit_path():  # every launch through Triton's path, where it is counted
+        _run(kernel, leaves, index, grad_out)
+    assert launched == ["routing_count_kernel", "routing_place_kernel", "gate_up_swiglu_kernel", "grouped_gemm_kernel",
+                        "combine_kernel", "down_dgrad_dswiglu_kernel", "grouped_gemm_kernel", "combine_kernel",
+                        "expert_wgrad_kernel", "expert_wgrad_kernel"]
+
+
 def test_experts_without_tokens_get_exact_zero_weight_gradients(kernel):
     leaves, index, grad_out = _problem("empty_experts", torch.float32, 13)
     _, (_, _, d_w1, d_w2) = _run(kernel, leaves, index, grad_out)
@@ -153,39 +188,44 @@ def test_saves_only_hidden_z_weights_and_indices(kernel):
     assert all(t.dtype == torch.int32 and t.numel() <= T * K + 64 for t in indices)
 
 
+def _check_routing(r, ref, num_pairs, height, what):
+    """Device routing ``r`` against the reference ``ref``: rows, their inverse, and a tile table of ``height``
+    that covers every row exactly once, used tiles first."""
+    n = int(ref.offsets[-1])
+    assert torch.equal(r.offsets.cpu().long(), ref.offsets), what
+    assert torch.equal(r.row_pair[:n].cpu().long(), ref.order[:n]), what
+    assert sorted(r.row_pair[n:].tolist()) == sorted(set(range(num_pairs)) - set(ref.order[:n].tolist())), what
+    want = torch.where(ref.valid.reshape(-1), ref.inverse.reshape(-1), -1)
+    assert torch.equal(r.pair_row.cpu().long(), want), what
+    covered = torch.zeros(num_pairs, dtype=torch.int64)  # every row in exactly one tile of its expert
+    for e, row in zip(r.tile_expert.tolist(), r.tile_row.tolist()):
+        if e == -1:
+            assert row == 0, what
+            continue
+        start, end = (int(ref.offsets[e]), int(ref.offsets[e + 1])) if e >= 0 else (n, num_pairs)
+        lo, hi = row, min(row + height, end)
+        assert lo >= start and hi > lo, (what, e, row)
+        covered[lo:hi] += 1
+    assert (covered == 1).all(), what
+    assert (r.tile_expert >= 0).sum().item() == sum(-(-c // height) for c in ref.counts.tolist()), what
+    assert (r.tile_expert == -2).sum().item() == -(-(num_pairs - n) // height), what
+    used = (r.tile_expert != -1).nonzero().flatten()  # used tiles first, in row order
+    assert torch.equal(used, torch.arange(used.numel())) and (r.tile_row[used].diff() > 0).all(), what
+
+
 def test_device_routing_matches_reference_routing(kernel):
     route = kernel.ops.route
     for case in sorted(CASES):
         index, _, E = make_routing(case, torch.Generator().manual_seed(16))
-        T, K = index.shape
         ref = kernel.reference.route(index, E)
-        n = int(ref.offsets[-1])
         for height in (1, 4, 16, 64):
-            r = route(index.to(DEVICE), E, block_m=height)
-            assert torch.equal(r.offsets.cpu().long(), ref.offsets), (case, height)
-            assert torch.equal(r.row_pair[:n].cpu().long(), ref.order[:n]), (case, height)
-            assert sorted(r.row_pair[n:].tolist()) == sorted(set(range(T * K)) - set(ref.order[:n].tolist()))
-            want = torch.where(ref.valid.reshape(-1), ref.inverse.reshape(-1), -1)
-            assert torch.equal(r.pair_row.cpu().long(), want), (case, height)
-            covered = torch.zeros(T * K, dtype=torch.int64)  # every row in exactly one tile of its expert
-            for e, row in zip(r.tile_expert.tolist(), r.tile_row.tolist()):
-                if e == -1:
-                    assert row == 0
-                    continue
-                start, end = (int(ref.offsets[e]), int(ref.offsets[e + 1])) if e >= 0 else (n, T * K)
-                lo, hi = row, min(row + height, end)
-                assert lo >= start and hi > lo, (case, height, e, row)
-                covered[lo:hi] += 1
-            assert (covered == 1).all(), (case, height)
-            assert (r.tile_expert >= 0).sum().item() == sum(-(-c // height) for c in ref.counts.tolist())
-            assert (r.tile_expert == -2).sum().item() == -(-(T * K - n) // height), (case, height)
-            used = (r.tile_expert != -1).nonzero().flatten()  # used tiles first, in row order
-            assert torch.equal(used, torch.arange(used.numel())) and (r.tile_row[used].diff() > 0).all()
+            _check_routing(route(index.to(DEVICE), E, block_m=height), ref, index.numel(), height, (case, height))
 
 
 def test_device_routing_over_many_chunks(kernel):
     """More pairs than one chunk's program takes (chunks of 64 pairs, up to 256 chunks, then longer chunks): the
-    cross-chunk prefix sums and the within-chunk ranks both count, on random and on skewed ids."""
+    cross-chunk prefix sums, the within-chunk ranks and the tile table's shares (several tiles per program) all
+    count, on random and on skewed ids."""
     gen = torch.Generator().manual_seed(17)
     E = 12
     for T, K in ((300, 3), (4100, 5)):  # 900 pairs: 15 chunks; 20500 pairs: 81-pair chunks rounded to 128
@@ -193,11 +233,9 @@ def test_device_routing_over_many_chunks(kernel):
         skewed = torch.where(torch.rand(T, K, generator=gen) < 0.7, 3, uniform)
         for index in (uniform, skewed):
             ref = kernel.reference.route(index, E)
-            r = kernel.ops.route(index.to(DEVICE), E, block_m=16)
-            n = int(ref.offsets[-1])
-            assert torch.equal(r.offsets.cpu().long(), ref.offsets)
-            assert torch.equal(r.row_pair[:n].cpu().long(), ref.order[:n])
-            assert torch.equal(r.pair_row.cpu().long(), torch.where(ref.valid.reshape(-1), ref.inverse.reshape(-1), -1))
+            for height in (16, 64):
+                r = kernel.ops.route(index.to(DEVICE), E, block_m=height)
+                _check_routing(r, ref, T * K, height, (T, K, height))
 
 
 def _op_args(kernel, leaves, index, block_m, lora=(None, None, None, None)):

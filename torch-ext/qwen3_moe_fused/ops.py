@@ -118,18 +118,27 @@ def _acc(tl, dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _combine(rows, weights, pair_row, out):
+def _combine(rows, weights, pair_row, out, weight_grad=None):
+    """out [T, N] = the (``weights``-weighted) gather-sum of ``rows`` over each token's K slots; with
+    ``weight_grad`` = (ds_partial, dw) the same launch writes the routing weights' gradient dw [T, K] from dgrad's
+    partial sums; ``rows`` and ``out`` None: only that. One ``combine_kernel`` launch; returns ``out``."""
     _, tl, kernels = _triton()
-    T, N = out.shape
+    has_rows, has_dw = rows is not None, weight_grad is not None
+    ds_partial, dw = weight_grad if has_dw else (rows, out)  # stand-ins for pointers a launch does not read
+    if not has_rows:
+        rows, out = ds_partial, dw
+    T, N = out.shape if has_rows else (dw.shape[0], 0)
     K = pair_row.numel() // max(T, 1)
     block_t, block_n = (16, 32) if _INTERPRET else (4, 512)
-    grid = (tuning.cdiv(T, block_t), tuning.cdiv(N, block_n))
+    grid = (tuning.cdiv(T, block_t), tuning.cdiv(N, block_n) if has_rows else 1)
     w = weights if weights is not None else out
     launcher(kernels.combine.combine_kernel)(
-        grid, rows, w, pair_row, out, T, N, K, w.stride(0), w.stride(1), out.stride(0), out.stride(1),
-        WEIGHTED=weights is not None, BLOCK_T=block_t, BLOCK_N=block_n, ACC=_acc(tl, out.dtype),
+        grid, rows, w, pair_row, out, ds_partial, dw, T, N, K, pair_row.numel(), ds_partial.shape[0] if has_dw else 0,
+        w.stride(0), w.stride(-1), out.stride(0), out.stride(-1), ROWS=has_rows, WEIGHTED=weights is not None,
+        WEIGHT_GRAD=has_dw, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=tuning.next_power_of_2(K),
+        ACC=_acc(tl, rows.dtype),
     )
-    return out
+    return out if has_rows else None
 
 
 def _lora(la, lb, n_dim, r_dim, dummy):
@@ -332,13 +341,12 @@ def _experts_backward(
 
     key = (I, H, lora_args["LORA_R"], store_hs, block_m, tuning.rows_bucket(T * K, E), *(("4bit",) if down_q else ()))
     ds_partial = tuning.choose("dgrad", key, z.dtype, run, I)
-    if need_weights:
+    weight_grad = None
+    if need_weights:  # written by dX's gather-sum launch below, or alone here
         grads[1] = torch.empty(T, K, dtype=top_k_weights.dtype, device=z.device)
-        block = 1024 if not _INTERPRET else 32
-        launcher(kernels.combine.weight_grad_kernel)(
-            (tuning.cdiv(T * K, block),), ds_partial, pair_row, grads[1], T * K, T * K, ds_partial.shape[0],
-            BLOCK=block, ACC=acc,
-        )
+        weight_grad = (ds_partial, grads[1])
+        if not need_hidden:
+            _combine(None, None, pair_row, None, weight_grad)
     dzb = None
     if gate_up_a is not None and (need_hidden or need_gu_a):
         dzb = _grouped_gemm(dz, gate_up_b, 1, 2, routing, block_m, scale=gate_up_scale)
@@ -348,7 +356,7 @@ def _experts_backward(
         dx_rows = _grouped_gemm(dz, gate_up_proj, 1, 2, routing, block_m,
                                 lora=(dzb, gate_up_a, 2, 1) if dzb is not None else None, b_q=gate_up_q,
                                 b_blocks=q_blocks[:2])
-        grads[0] = _combine(dx_rows, None, pair_row, hidden.new_empty(T, H))
+        grads[0] = _combine(dx_rows, None, pair_row, hidden.new_empty(T, H), weight_grad)
         del dx_rows
     if need_down:
         grads[3] = _expert_wgrad(hs, grad_out, routing, down_proj, 2, 1, gather_slots=K)
