@@ -3,7 +3,8 @@
     python benchmarks/sweep_configs.py --build build [--tokens 4096 16384] [--kinds dgrad wgrad] [--out sweep.json]
     python benchmarks/sweep_configs.py --build build --nf4 [--tokens 2048] [--kinds gate_up_4bit grouped_gemm_4bit]
 
-Coordinate descent over the kernel kinds of tuning.CANDIDATES (and the M-tile height): for each kind in turn,
+Coordinate descent over the kernel kinds of tuning.CANDIDATES (and the M-tile height; the kernel's not yet timed
+configs, tuning.TRIAL, are swept with each kind's list below): for each kind in turn,
 each candidate below runs with the other kinds at their current best; it is checked against the default
 configs' output and gradients (relative error < 1e-2 in bf16), timed per kernel (CUDA time of each Triton
 kernel from the profiler, mean of three fwd+bwd, summed over the token counts) and end to end (do_bench median
@@ -54,7 +55,7 @@ CANDIDATES = {
 DENSE_KINDS = ("dgrad", "wgrad", "gate_up", "grouped_gemm", "block_m")
 NF4_KINDS = ("gate_up_4bit", "grouped_gemm_4bit", "dgrad", "block_m")
 KERNELS = {"gate_up": "gate_up_swiglu_kernel", "grouped_gemm": "grouped_gemm_kernel",
-           "dgrad": "down_dgrad_dswiglu_kernel", "wgrad": "expert_wgrad_kernel", "combine": "combine_kernel"}
+           "dgrad": "down_dgrad_dswiglu_kernel", "wgrad": "expert_wgrad_", "combine": "combine_kernel"}  # name prefixes
 
 
 def _per_kernel_ms(step, leaves):
@@ -83,8 +84,9 @@ def _resources(kernel):
     lines = []
     for module_name in ("gate_up_swiglu", "grouped_gemm", "down_dgrad_dswiglu", "expert_wgrad", "combine"):
         module = getattr(kernel.kernels, module_name)
-        fn = getattr(module, f"{module_name}_kernel")
-        for cache in fn.device_caches.values():
+        caches = [cache for name in dir(module) if name.endswith("_kernel")
+                  for cache in getattr(module, name).device_caches.values()]
+        for cache in caches:
             for compiled in cache[0].values():
                 src = compiled.src
                 named = {src.fn.arg_names[k[0]]: v for k, v in src.constants.items() if len(k) == 1}
@@ -93,10 +95,10 @@ def _resources(kernel):
                 try:
                     compiled._init_handles()  # loads the binary: registers and spills are known from here on
                 except OutOfResources:  # a candidate that does not fit (reported above)
-                    lines.append(f"{module_name:20s} {shown} warps {meta.num_warps} stages {meta.num_stages} "
+                    lines.append(f"{src.fn.__name__:32s} {shown} warps {meta.num_warps} stages {meta.num_stages} "
                                  f"does not fit: smem {meta.shared // 1024} KiB")
                     continue
-                lines.append(f"{module_name:20s} {shown} warps {meta.num_warps} stages {meta.num_stages} "
+                lines.append(f"{src.fn.__name__:32s} {shown} warps {meta.num_warps} stages {meta.num_stages} "
                              f"regs {compiled.n_regs} spills {compiled.n_spills} smem {meta.shared // 1024} KiB")
     return lines
 
@@ -117,6 +119,8 @@ def main():
 
     kernel = kernels.get_local_kernel(Path(args.build))
     ops, tuning = kernel.ops, kernel.tuning
+    for kind, configs in getattr(tuning, "TRIAL", {}).items():
+        CANDIDATES[kind] = CANDIDATES[kind] + configs
     shape = SHAPES[args.shape]
     H, I, E, K = shape["H"], shape["I"], shape["E"], shape["K"]
     gen = torch.Generator(device="cuda").manual_seed(0)

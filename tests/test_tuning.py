@@ -58,6 +58,35 @@ def test_candidate_configs_match_reference_in_the_interpreter(kernel, case, i):
             assert_close_rel(got, want, TOL[torch.float64], f"candidate {i} {case} LoRA output/gradient {j}")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter coverage; the GPU variant is below")
+@pytest.mark.parametrize("case, height", [("uniform", 16), ("all_on_one_expert", 32), ("empty_experts", 16),
+                                          ("sentinel_ids", 32)])
+def test_trial_configs_give_the_candidates_values_in_the_interpreter(kernel, case, height, monkeypatch):
+    """wgrad's persistent configs (programs over groups of experts, with and without rows; one or two 16-row steps
+    per routing tile): the same sums in the same order as the one-tile-per-program kernel at the same block sizes,
+    so the same values, for full fine-tuning and LoRA (the factors' gradients: rank-sized tiles, and dB2's routing
+    weights)."""
+    tuning = kernel.tuning
+    monkeypatch.setattr(kernel.ops, "block_m_for", lambda rows, experts: height)  # the routing tiles' height
+    for trial in (dict(tuning.TRIAL["wgrad"][0], EXPERTS_PER_PROGRAM=3), tuning.TRIAL["wgrad"][-1]):
+        plain = {k: v for k, v in trial.items() if k != "EXPERTS_PER_PROGRAM"}
+        leaves, index, grad_out = _problem(case, torch.float64, 300)
+        factors = _lora_factors(leaves[2], leaves[3], (4, 3), 301)
+        runs = []
+        for config in (trial, plain):
+            with tuning.forced(wgrad=config):
+                runs.append((_run(kernel, leaves, index, grad_out),
+                             _run_lora(kernel, leaves, index, grad_out, factors, kernel)))
+        persistent, one_tile = ([out, *grads, lora_out, *lora_grads] for (out, grads), (lora_out, lora_grads) in runs)
+        assert len(persistent) == 14  # out and 4 gradients; LoRA: out, 4 gradients and 4 factors'
+        for got, want in zip(persistent, one_tile):
+            assert torch.equal(got, want), (case, trial)
+        out, grads = runs[0][0]
+        ref_out, ref_grads = _reference(kernel, leaves, index, grad_out)
+        for name, got, want in zip(NAMES, (out, *grads), (ref_out, *ref_grads)):
+            assert_close_rel(got, want, TOL[torch.float64], f"trial {trial} {case} {name}")
+
+
 def test_rows_bucket_and_switch(kernel, monkeypatch):
     tuning = kernel.tuning
     assert [tuning.rows_bucket(rows, 128) for rows in (1, 128, 129, 8 * 4096, 8 * 4096 + 1)] == [1, 1, 1, 256, 256]
@@ -102,24 +131,37 @@ def test_selection_keeps_the_fastest_and_the_cache_file_serves_a_later_process(k
         tuning.select("wgrad", ("wgrad", "bfloat16", 1), 4096, lambda c: None)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("i", range(4))
-def test_gpu_candidate_configs_match_float32_reference(kernel, i):
-    leaves, index, grad_out = _qwen3_30b_problem(4096, 300 + i)
-    with kernel.tuning.forced(**_candidate(kernel, i)):
+def _check_against_float32(kernel, configs, seed, label):
+    """bf16 at Qwen3-30B-A3B shapes (T = 4096) with ``configs`` forced, full fine-tuning and LoRA r16, against the
+    float32 reference."""
+    leaves, index, grad_out = _qwen3_30b_problem(4096, seed)
+    with kernel.tuning.forced(**configs):
         out, grads = _run(kernel, leaves, index, grad_out)
-        factors = _lora_factors(leaves[2], leaves[3], (16, 16), 400 + i)
+        factors = _lora_factors(leaves[2], leaves[3], (16, 16), seed + 100)
         frozen = [leaves[0], leaves[1], leaves[2].detach(), leaves[3].detach()]
         lora_out, lora_grads = _run_lora(kernel, frozen, index, grad_out, factors, kernel)
     ref = [t.detach().float().requires_grad_() for t in leaves]
     ref_out, ref_grads = _run(kernel.reference, ref, index, grad_out)
     for name, got, want in zip(NAMES, (out, *grads), (ref_out, *ref_grads)):
-        assert_close_rel(got, want, TOL[torch.bfloat16], f"candidate {i} {name}")
+        assert_close_rel(got, want, TOL[torch.bfloat16], f"{label} {name}")
     ref_frozen = [ref[0], ref[1], ref[2].detach(), ref[3].detach()]
     ref_factors = [f.detach().float().requires_grad_() for f in factors]
     ref_out, ref_grads = _run_lora(kernel, ref_frozen, index, grad_out, ref_factors, kernel.reference)
     for j, (got, want) in enumerate(zip((lora_out, *lora_grads), (ref_out, *ref_grads))):
-        assert_close_rel(got, want, TOL[torch.bfloat16], f"candidate {i} LoRA output/gradient {j}")
+        assert_close_rel(got, want, TOL[torch.bfloat16], f"{label} LoRA output/gradient {j}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("i", range(4))
+def test_gpu_candidate_configs_match_float32_reference(kernel, i):
+    _check_against_float32(kernel, _candidate(kernel, i), 300 + i, f"candidate {i}")
+
+
+@pytest.mark.gpu
+def test_gpu_trial_configs_match_float32_reference(kernel):
+    for kind, configs in kernel.tuning.TRIAL.items():
+        for i, config in enumerate(configs):
+            _check_against_float32(kernel, {kind: config}, 310 + i, f"trial {kind} {config}")
 
 
 def test_tune_runs_full_and_lora_passes(kernel):
