@@ -196,8 +196,9 @@ def _expert_wgrad(a, b, routing, block_m, like, m_dim, n_dim, gather_slots=0, ro
     def run(blocks, options):
         blocks = dict(blocks)
         per_program = blocks.pop("EXPERTS_PER_PROGRAM", 0)
-        if M < blocks["BLOCK_M"]:  # LoRA's rank-sized factors
-            blocks["BLOCK_M"] = max(16, tuning.next_power_of_2(M))
+        for dim, size in (("BLOCK_M", M), ("BLOCK_N", N)):  # LoRA's rank-sized factors: A's rows, B's columns
+            if size < blocks[dim]:
+                blocks[dim] = max(16, tuning.next_power_of_2(size))
         out_blocks = tuning.cdiv(M, blocks["BLOCK_M"]) * tuning.cdiv(N, blocks["BLOCK_N"])
         strides = (b.stride(0), b.stride(1), out.stride(0), out.stride(m_dim), out.stride(n_dim), w.stride(0),
                    w.stride(-1))
