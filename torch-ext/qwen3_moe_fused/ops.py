@@ -21,6 +21,7 @@ torch.compile or export traces it, through a plain ``autograd.Function`` over th
 Triton is imported when a kernel first runs, so the package imports (and its reference path works) without it.
 """
 
+import functools
 import os
 from typing import Optional
 
@@ -274,7 +275,7 @@ def _experts_forward(
     y = _grouped_gemm(h, down_proj, 2, 1, routing, block_m, lora=(ha, down_b, 1, 2) if ha is not None else None,
                       b_q=down_q, b_blocks=q_blocks[2:])
     out = _combine(y, top_k_weights, pair_row, hidden.new_empty(T, H))
-    return out, z, xa if xa is not None else z.new_empty(0), ha if ha is not None else z.new_empty(0)
+    return out, z, xa, ha  # xa, ha None without LoRA (``_op_impl`` makes them empty tensors for the custom op)
 
 
 def _experts_forward_fake(hidden, top_k_weights, gate_up_proj, down_proj, row_pair, pair_row, offsets, tile_expert,
@@ -385,7 +386,7 @@ def _experts_backward(
         grads[4] = _expert_wgrad(dzb, hidden, routing, block_m, gate_up_a, 1, 2, gather_slots=K)
     if need_gu_b:
         grads[5] = _expert_wgrad(dz, xa, routing, block_m, gate_up_b, 1, 2)
-    return [z.new_empty(0) if g is None else g for g in grads]  # distinct empty tensors: op outputs must not alias
+    return grads  # None where not asked for (``_op_impl`` makes them empty tensors for the custom op)
 
 
 def _experts_backward_fake(grad_out, hidden, top_k_weights, gate_up_proj, down_proj, z, xa, ha, row_pair, pair_row,
@@ -445,12 +446,30 @@ def experts(*inputs):
     return _EagerExperts.apply(*inputs)
 
 
+def _op_impl(fn):
+    """``fn`` as a custom op's implementation: an op returns tensors, none aliasing another, so each None ``fn``
+    returns (an output not computed) becomes an empty tensor of its own. The eager path calls ``fn`` itself and
+    keeps the None: no allocation for an output nobody reads."""
+
+    @functools.wraps(fn)  # the op's schema is read from fn's signature
+    def impl(*args, **kwargs):
+        outputs = fn(*args, **kwargs)
+        like = next((t for t in outputs if t is not None), None)
+        if like is None:
+            like = args[0]
+        return type(outputs)(like.new_empty(0) if t is None else t for t in outputs)
+
+    return impl
+
+
 def _register():
     routing = torch.library.custom_op(add_op_namespace_prefix("route"), _route, mutates_args=())
     routing.register_fake(_route_fake)
-    forward = torch.library.custom_op(add_op_namespace_prefix("experts_forward"), _experts_forward, mutates_args=())
+    forward = torch.library.custom_op(add_op_namespace_prefix("experts_forward"), _op_impl(_experts_forward),
+                                      mutates_args=())
     forward.register_fake(_experts_forward_fake)
-    backward = torch.library.custom_op(add_op_namespace_prefix("experts_backward"), _experts_backward, mutates_args=())
+    backward = torch.library.custom_op(add_op_namespace_prefix("experts_backward"), _op_impl(_experts_backward),
+                                       mutates_args=())
     backward.register_fake(_experts_backward_fake)
     forward.register_autograd(_backward, setup_context=_setup_context)
     return forward, backward, routing
