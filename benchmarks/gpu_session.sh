@@ -2,7 +2,10 @@
 # One device call: install the carried wheels (.whl: kernels, liger-kernel, pytest), build the kernel, run the
 # tests (GPU tests included), then the benchmark and/or the accuracy table; logs and JSON go to $OUT, short
 # tables come last.
-# Usage (GPU machine, repository root): [PYTEST_TARGETS=tests] [BENCH=1] [ACCURACY=0] bash benchmarks/gpu_session.sh [bench args...]
+# Usage (GPU machine, repository root): [PYTEST_TARGETS=tests] [BENCH=1] [ACCURACY=0] [HOST_TIME="fused module"]
+#   [SWEEP="wgrad"] bash benchmarks/gpu_session.sh [bench args...]
+# HOST_TIME: host_time.py for those implementations (T = 1024, 4096); SWEEP: sweep_configs.py over those kinds
+# (its candidates and tuning.TRIAL's, T = 4096 + 16384).
 set -uo pipefail
 : "${QWEN3_MOE_FUSED_COMMIT:?set QWEN3_MOE_FUSED_COMMIT=<the commit measured> (the copy of .git on the GPU machine can be stale)}"
 export QWEN3_MOE_FUSED_COMMIT
@@ -18,6 +21,13 @@ grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
 cd benchmarks
 if [ "${ACCURACY:-0}" = 1 ]; then
   python3 accuracy.py --build ../build --out "$OUT/accuracy.json" 2>&1 | tee "$OUT/accuracy.log" | grep -v '^{'
+fi
+if [ -n "${HOST_TIME:-}" ]; then
+  python3 host_time.py --build ../build --impls $HOST_TIME --out "$OUT/host_time.json" 2>&1 | tee "$OUT/host_time.log" \
+    | grep -v '^{'
+fi
+if [ -n "${SWEEP:-}" ]; then
+  python3 sweep_configs.py --build ../build --kinds $SWEEP --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log"
 fi
 if [ "${BENCH:-1}" = 1 ]; then
   python3 bench_experts.py --build ../build --out "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^{'
