@@ -117,7 +117,8 @@ _splits: dict = {}  # (id(config), dtype, thin_n) -> (config, its split): the co
 
 
 def _split(config, dtype, thin_n=None):
-    """(block sizes, launch options) of a config for ``dtype`` operands (made once per config; not to be mutated)."""
+    """(meta-parameters: block sizes and the like, launch options) of a config for ``dtype`` operands (made once per
+    config; not to be mutated)."""
     cached = _splits.get((id(config), dtype, thin_n))
     if cached is not None and cached[0] is config:
         return cached[1]
