@@ -244,8 +244,9 @@ def _table(rows):
         lines.append(f"| {r['impl']} | {r['T']} | " + " | ".join("–" if c is None else f"{c:.2f}" for c in cells) + " |")
     chain = [r for r in rows if "enqueue_chain_fwd_bwd_ms" in r]
     if chain:
-        lines += ["", f"Enqueue ms per layer, fwd+bwd of {CHAIN} chained calls with one backward (a layer inside a step) "
-                  "against one call per backward", "", "| impl | T | chained, per layer | one call |", "|---|---|---|---|"]
+        lines += ["", f"Enqueue ms per layer, fwd+bwd of {CHAIN} chained calls with one backward (a layer inside a "
+                  "step) against one call per backward", "", "| impl | T | chained, per layer | one call |",
+                  "|---|---|---|---|"]
         lines += [f"| {r['impl']} | {r['T']} | {r['enqueue_chain_fwd_bwd_ms']:.3f} | {r['enqueue_fwd_bwd_ms']:.3f} |"
                   for r in chain]
     split = [r for r in rows if "triton_run_ms" in r]

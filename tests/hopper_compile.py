@@ -4,11 +4,11 @@
 
 (run without TRITON_INTERPRET: the kernels must be Triton JIT functions). Each launch the ops make — LoRA r16 on
 bf16 experts at the defaults (``CANDIDATES[kind][0]``) and at each not-yet-timed config (``TRIAL``), and on NF4
-experts (nested scales) at every candidate of the kinds that read a 4-bit weight — is bound, specialised and compiled as Triton's own launcher would on an
-H100/H200 (``triton.compile`` for target cuda:90, ptxas included), but not run: CPU tensors stand in for the
-inputs, so nothing is computed. Reported per compile: the kernel, whether it reads a 4-bit weight, the kind and
-candidate index, its shared memory, or the compiler's error. The interpreter (the CPU tests) accepts programs
-the GPU compiler rejects; this is what catches those.
+experts (nested scales) at every candidate of the kinds that read a 4-bit weight — is bound, specialised and
+compiled as Triton's own launcher would on an H100/H200 (``triton.compile`` for target cuda:90, ptxas included), but
+not run: CPU tensors stand in for the inputs, so nothing is computed. Reported per compile: the kernel, whether it
+reads a 4-bit weight, the kind and candidate index, its shared memory, or the compiler's error. The interpreter
+(the CPU tests) accepts programs the GPU compiler rejects; this is what catches those.
 """
 
 import json

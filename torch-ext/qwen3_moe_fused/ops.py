@@ -379,7 +379,8 @@ def _experts_backward(
         grads[6] = _expert_wgrad(dob, hs, routing, block_m, down_a, 1, 2)
     del hs, dob
     if need_down_b:  # each row of the thin [TK, r] ha weighted by its routing weight inside the kernel
-        grads[7] = _expert_wgrad(ha, grad_out, routing, block_m, down_b, 2, 1, gather_slots=K, row_weights=top_k_weights)
+        grads[7] = _expert_wgrad(ha, grad_out, routing, block_m, down_b, 2, 1, gather_slots=K,
+                                 row_weights=top_k_weights)
     if need_gate_up:
         grads[2] = _expert_wgrad(dz, hidden, routing, block_m, gate_up_proj, 1, 2, gather_slots=K)
     if need_gu_a:

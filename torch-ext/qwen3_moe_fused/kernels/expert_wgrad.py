@@ -30,12 +30,14 @@ def _row_step(acc, a_ptr, b_ptr, row_pair_ptr, w_ptr, rows, row_end, ms, m_mask,
         b_index = (pair // K_SLOTS).to(tl.int64)
     else:
         b_index = rows.to(tl.int64)
-    a = tl.load(a_ptr + rows[None, :].to(tl.int64) * M + ms[:, None], mask=m_mask[:, None] & row_mask[None, :], other=0.0)
+    a = tl.load(a_ptr + rows[None, :].to(tl.int64) * M + ms[:, None], mask=m_mask[:, None] & row_mask[None, :],
+                other=0.0)
     if ROW_WEIGHT:
         weight = tl.load(w_ptr + (pair // K_SLOTS).to(tl.int64) * stride_wt + (pair % K_SLOTS) * stride_wk,
                          mask=row_mask, other=0.0)
         a = (a.to(ACC) * weight.to(ACC)[None, :]).to(a.dtype)
-    b = tl.load(b_ptr + b_index[:, None] * stride_bt + ns[None, :] * stride_bn, mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+    b = tl.load(b_ptr + b_index[:, None] * stride_bt + ns[None, :] * stride_bn,
+                mask=row_mask[:, None] & n_mask[None, :], other=0.0)
     return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
 
 

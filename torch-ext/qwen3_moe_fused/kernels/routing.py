@@ -10,7 +10,8 @@ over the E + 1 buckets (E experts, then the dropped pairs).
 A stable counting sort over chunks of pairs (bucket b of pair i: its expert, or E when dropped):
     routing_count_kernel    counts[c, b] = pairs of chunk c in bucket b                  (one program per chunk)
     routing_place_kernel    row of pair i = starts[b] + before[c, b] + (earlier pairs of chunk c in bucket b),
-                            with before[c, b] = Σ_{c' < c} counts[c', b] and starts[b] = Σ_{b' < b} Σ_c counts[c, b'],
+                            with before[c, b] = Σ_{c' < c} counts[c', b] and
+                            starts[b] = Σ_{b' < b} Σ_c counts[c, b'],
                             which every program sums from the counts itself (no third launch for a scan);
                             row_pair[row] = i, pair_row[i] = row (-1 when dropped); program c also writes its
                             share of the tile table, program 0 the bounds                (one program per chunk)
