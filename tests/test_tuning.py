@@ -68,15 +68,27 @@ def test_trial_configs_give_the_candidates_values_in_the_interpreter(kernel, cas
     weights)."""
     tuning = kernel.tuning
     monkeypatch.setattr(kernel.ops, "block_m_for", lambda rows, experts: height)  # the routing tiles' height
+    launched = []  # kernels launched, so a config that lost its EXPERTS_PER_PROGRAM cannot pass as persistent
+    path = kernel.launch._TritonPath
+    triton_launch = path.launch
+
+    def counted(self, grid, *args, **kwargs):
+        launched.append(getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__)
+        return triton_launch(self, grid, *args, **kwargs)
+
+    monkeypatch.setattr(path, "launch", counted)
     for trial in (dict(tuning.TRIAL["wgrad"][0], EXPERTS_PER_PROGRAM=3), tuning.TRIAL["wgrad"][-1]):
         plain = {k: v for k, v in trial.items() if k != "EXPERTS_PER_PROGRAM"}
         leaves, index, grad_out = _problem(case, torch.float64, 300)
         factors = _lora_factors(leaves[2], leaves[3], (4, 3), 301)
         runs = []
         for config in (trial, plain):
-            with tuning.forced(wgrad=config):
+            launched.clear()
+            with tuning.forced(wgrad=config), kernel.launch.jit_path():
                 runs.append((_run(kernel, leaves, index, grad_out),
                              _run_lora(kernel, leaves, index, grad_out, factors, kernel)))
+            persistent_ran = "expert_wgrad_persistent_kernel" in launched
+            assert persistent_ran == (config is trial) and ("expert_wgrad_kernel" in launched) != persistent_ran
         persistent, one_tile = ([out, *grads, lora_out, *lora_grads] for (out, grads), (lora_out, lora_grads) in runs)
         assert len(persistent) == 14  # out and 4 gradients; LoRA: out, 4 gradients and 4 factors'
         for got, want in zip(persistent, one_tile):
