@@ -3,9 +3,10 @@
 # tests (GPU tests included), then the benchmark and/or the accuracy table; logs and JSON go to $OUT, short
 # tables come last.
 # Usage (GPU machine, repository root): [PYTEST_TARGETS=tests] [BENCH=1] [ACCURACY=0] [HOST_TIME="fused module"]
-#   [SWEEP="wgrad"] bash benchmarks/gpu_session.sh [bench args...]
-# HOST_TIME: host_time.py for those implementations (T = 1024, 4096); SWEEP: sweep_configs.py over those kinds
-# (its candidates and tuning.TRIAL's, T = 4096 + 16384).
+#   [HOST_TIME_BASELINE=build_old] [SWEEP="wgrad"] bash benchmarks/gpu_session.sh [bench args...]
+# HOST_TIME: host_time.py for those implementations (T = 1024, 4096); HOST_TIME_BASELINE: a carried build of an
+# earlier commit whose host_time.py runs (ours only) before and after this build's, so the host's drift between
+# processes shows; SWEEP: sweep_configs.py over those kinds (its candidates and tuning.TRIAL's, T = 4096 + 16384).
 set -uo pipefail
 : "${QWEN3_MOE_FUSED_COMMIT:?set QWEN3_MOE_FUSED_COMMIT=<the commit measured> (the copy of .git on the GPU machine can be stale)}"
 export QWEN3_MOE_FUSED_COMMIT
@@ -22,9 +23,17 @@ cd benchmarks
 if [ "${ACCURACY:-0}" = 1 ]; then
   python3 accuracy.py --build ../build --out "$OUT/accuracy.json" 2>&1 | tee "$OUT/accuracy.log" | grep -v '^{'
 fi
+if [ -n "${HOST_TIME_BASELINE:-}" ]; then
+  python3 host_time.py --build "../$HOST_TIME_BASELINE" --impls fused --out "$OUT/host_time_baseline.json" 2>&1 \
+    | tee "$OUT/host_time_baseline.log" | grep -v '^{'
+fi
 if [ -n "${HOST_TIME:-}" ]; then
   python3 host_time.py --build ../build --impls $HOST_TIME --out "$OUT/host_time.json" 2>&1 | tee "$OUT/host_time.log" \
     | grep -v '^{'
+fi
+if [ -n "${HOST_TIME_BASELINE:-}" ]; then
+  python3 host_time.py --build "../$HOST_TIME_BASELINE" --impls fused --out "$OUT/host_time_baseline_again.json" \
+    2>&1 | grep -v '^{'
 fi
 if [ -n "${SWEEP:-}" ]; then
   python3 sweep_configs.py --build ../build --kinds $SWEEP --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log"
