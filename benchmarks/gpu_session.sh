@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels (.whl: kernels, liger-kernel, pytest), build the kernel, run the
-# tests (GPU tests included), then the benchmark and/or the accuracy table; logs and JSON go to $OUT, short
-# tables come last.
+# tests (GPU tests included), then the accuracy table, the config sweep, the benchmark and the host times, in
+# that order (a call cut off at its limit keeps the earlier steps' results); logs and JSON go to $OUT.
 # Usage (GPU machine, repository root): [PYTEST_TARGETS=tests] [BENCH=1] [ACCURACY=0] [HOST_TIME="fused module"]
 #   [HOST_TIME_BASELINE=build_old] [SWEEP="wgrad"] bash benchmarks/gpu_session.sh [bench args...]
 # HOST_TIME: host_time.py for those implementations (T = 1024, 4096); HOST_TIME_BASELINE: a carried build of an
@@ -23,6 +23,12 @@ cd benchmarks
 if [ "${ACCURACY:-0}" = 1 ]; then
   python3 accuracy.py --build ../build --out "$OUT/accuracy.json" 2>&1 | tee "$OUT/accuracy.log" | grep -v '^{'
 fi
+if [ -n "${SWEEP:-}" ]; then
+  python3 sweep_configs.py --build ../build --kinds $SWEEP --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log"
+fi
+if [ "${BENCH:-1}" = 1 ]; then
+  python3 bench_experts.py --build ../build --out "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^{'
+fi
 if [ -n "${HOST_TIME_BASELINE:-}" ]; then
   python3 host_time.py --build "../$HOST_TIME_BASELINE" --impls fused --out "$OUT/host_time_baseline.json" 2>&1 \
     | tee "$OUT/host_time_baseline.log" | grep -v '^{'
@@ -34,10 +40,4 @@ fi
 if [ -n "${HOST_TIME_BASELINE:-}" ]; then
   python3 host_time.py --build "../$HOST_TIME_BASELINE" --impls fused --out "$OUT/host_time_baseline_again.json" \
     2>&1 | grep -v '^{'
-fi
-if [ -n "${SWEEP:-}" ]; then
-  python3 sweep_configs.py --build ../build --kinds $SWEEP --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log"
-fi
-if [ "${BENCH:-1}" = 1 ]; then
-  python3 bench_experts.py --build ../build --out "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^{'
 fi
