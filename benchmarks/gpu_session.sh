@@ -6,7 +6,7 @@
 #   [HOST_TIME_BASELINE=build_old] [SWEEP="wgrad"] bash benchmarks/gpu_session.sh [bench args...]
 # HOST_TIME: host_time.py for those implementations (T = 1024, 4096); HOST_TIME_BASELINE: a carried build of an
 # earlier commit whose host_time.py runs (ours only) before and after this build's, so the host's drift between
-# processes shows; SWEEP: sweep_configs.py over those kinds (its candidates and tuning.TRIAL's, T = 4096 + 16384).
+# processes shows; SWEEP: sweep_configs.py over those kinds (T = 4096 + 16384).
 set -uo pipefail
 : "${QWEN3_MOE_FUSED_COMMIT:?set QWEN3_MOE_FUSED_COMMIT=<the commit measured> (the copy of .git on the GPU machine can be stale)}"
 export QWEN3_MOE_FUSED_COMMIT

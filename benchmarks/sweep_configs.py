@@ -3,8 +3,7 @@
     python benchmarks/sweep_configs.py --build build [--tokens 4096 16384] [--kinds dgrad wgrad] [--out sweep.json]
     python benchmarks/sweep_configs.py --build build --nf4 [--tokens 2048] [--kinds gate_up_4bit grouped_gemm_4bit]
 
-Coordinate descent over the kernel kinds of tuning.CANDIDATES (and the M-tile height; the kernel's not yet timed
-configs, tuning.TRIAL, are swept with each kind's list below): for each kind in turn,
+Coordinate descent over the kernel kinds of tuning.CANDIDATES (and the M-tile height): for each kind in turn,
 each candidate below runs with the other kinds at their current best; it is checked against the default
 configs' output and gradients (relative error < 1e-2 in bf16), timed per kernel (CUDA time of each Triton
 kernel from the profiler, mean of three fwd+bwd, summed over the token counts) and end to end (do_bench median
@@ -119,8 +118,6 @@ def main():
 
     kernel = kernels.get_local_kernel(Path(args.build))
     ops, tuning = kernel.ops, kernel.tuning
-    for kind, configs in getattr(tuning, "TRIAL", {}).items():
-        CANDIDATES[kind] = CANDIDATES[kind] + configs
     shape = SHAPES[args.shape]
     H, I, E, K = shape["H"], shape["I"], shape["E"], shape["K"]
     gen = torch.Generator(device="cuda").manual_seed(0)

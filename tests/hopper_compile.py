@@ -3,12 +3,12 @@
     python tests/hopper_compile.py BUILD_DIR
 
 (run without TRITON_INTERPRET: the kernels must be Triton JIT functions). Each launch the ops make — LoRA r16 on
-bf16 experts at the defaults (``CANDIDATES[kind][0]``) and at each not-yet-timed config (``TRIAL``), and on NF4
-experts (nested scales) at every candidate of the kinds that read a 4-bit weight — is bound, specialised and
-compiled as Triton's own launcher would on an H100/H200 (``triton.compile`` for target cuda:90, ptxas included), but
-not run: CPU tensors stand in for the inputs, so nothing is computed. Reported per compile: the kernel, whether it
-reads a 4-bit weight, the kind and candidate index, its shared memory, or the compiler's error. The interpreter
-(the CPU tests) accepts programs the GPU compiler rejects; this is what catches those.
+bf16 experts at the defaults (``CANDIDATES[kind][0]``), and on NF4 experts (nested scales) at every candidate
+of the kinds that read a 4-bit weight — is bound, specialised and compiled as Triton's own launcher would on an
+H100/H200 (``triton.compile`` for target cuda:90, ptxas included), but not run: CPU tensors stand in for the
+inputs, so nothing is computed. Reported per compile: the kernel, whether it reads a 4-bit weight, the kind and
+candidate index, its shared memory, or the compiler's error. The interpreter (the CPU tests) accepts programs
+the GPU compiler rejects; this is what catches those.
 """
 
 import json
@@ -71,11 +71,6 @@ def main(build):
     with moe.launch.jit_path():  # every launch through JITFunction.run, which records it (no launch plans)
         with tuning.forced(**{kind: configs[0] for kind, configs in tuning.CANDIDATES.items()}):
             step(*dense)
-        for kind, configs in tuning.TRIAL.items():
-            for i, config in enumerate(configs):
-                label.update(weights="bf16", candidate=f"trial{i}")
-                with tuning.forced(**dict({k: c[0] for k, c in tuning.CANDIDATES.items()}, **{kind: config})):
-                    step(*dense)
         quantized = [nf4((E, 2 * I, H)), nf4((E, H, I))]
         for i in range(max(len(tuning.CANDIDATES[kind]) for kind in KINDS_4BIT)):
             label.update(weights="nf4", candidate=i)

@@ -27,10 +27,6 @@ def test_every_launch_compiles_for_hopper_and_the_defaults_fit(build_dir):
     # bf16 and for 4-bit weights; the autotuner skips candidates that do not, so each only needs one that does.
     too_big = [r for r in rows if r["candidate"] == 0 and r["shared"] > HOPPER_SHARED]
     assert not too_big, too_big
-    # The configs waiting to be timed (tuning.TRIAL) launch too, each compiled
-    trials = [r for r in rows if str(r["candidate"]).startswith("trial")]
-    assert {r["kernel"] for r in trials} == {"expert_wgrad_persistent_kernel"}, trials
-    assert len({r["candidate"] for r in trials}) == 2 and all(r["shared"] <= HOPPER_SHARED for r in trials), trials
     fits = defaultdict(list)
     for r in rows:
         if r["w4bit"]:

@@ -274,12 +274,12 @@ def test_backward_frees_row_buffers_before_the_weight_gradients(kernel, monkeypa
         buffers["dx_rows"] = weakref.ref(rows)
         return combine(rows, *rest)
 
-    def spy_wgrad(a, b, routing, block_m, like, *rest, **options):
+    def spy_wgrad(a, b, routing, like, *rest, **options):
         if like.shape == leaves[3].shape:  # down's gradient reads hs
             buffers["hs"] = weakref.ref(a)
         if like.shape == leaves[2].shape:
             checked.append({name: ref() is None for name, ref in buffers.items()})
-        return wgrad(a, b, routing, block_m, like, *rest, **options)
+        return wgrad(a, b, routing, like, *rest, **options)
 
     monkeypatch.setattr(ops, "_combine", spy_combine)
     monkeypatch.setattr(ops, "_expert_wgrad", spy_wgrad)

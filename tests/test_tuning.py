@@ -58,47 +58,6 @@ def test_candidate_configs_match_reference_in_the_interpreter(kernel, case, i):
             assert_close_rel(got, want, TOL[torch.float64], f"candidate {i} {case} LoRA output/gradient {j}")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter coverage; the GPU variant is below")
-@pytest.mark.parametrize("case, height", [("uniform", 16), ("all_on_one_expert", 32), ("empty_experts", 16),
-                                          ("sentinel_ids", 32)])
-def test_trial_configs_give_the_candidates_values_in_the_interpreter(kernel, case, height, monkeypatch):
-    """wgrad's persistent configs (programs over groups of experts, with and without rows; one or two 16-row steps
-    per routing tile): the same sums in the same order as the one-tile-per-program kernel at the same block sizes,
-    so the same values, for full fine-tuning and LoRA (the factors' gradients: rank-sized tiles, and dB2's routing
-    weights)."""
-    tuning = kernel.tuning
-    monkeypatch.setattr(kernel.ops, "block_m_for", lambda rows, experts: height)  # the routing tiles' height
-    launched = []  # kernels launched, so a config that lost its EXPERTS_PER_PROGRAM cannot pass as persistent
-    path = kernel.launch._TritonPath
-    triton_launch = path.launch
-
-    def counted(self, grid, *args, **kwargs):
-        launched.append(getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__)
-        return triton_launch(self, grid, *args, **kwargs)
-
-    monkeypatch.setattr(path, "launch", counted)
-    for trial in (dict(tuning.TRIAL["wgrad"][0], EXPERTS_PER_PROGRAM=3), tuning.TRIAL["wgrad"][-1]):
-        plain = {k: v for k, v in trial.items() if k != "EXPERTS_PER_PROGRAM"}
-        leaves, index, grad_out = _problem(case, torch.float64, 300)
-        factors = _lora_factors(leaves[2], leaves[3], (4, 3), 301)
-        runs = []
-        for config in (trial, plain):
-            launched.clear()
-            with tuning.forced(wgrad=config), kernel.launch.jit_path():
-                runs.append((_run(kernel, leaves, index, grad_out),
-                             _run_lora(kernel, leaves, index, grad_out, factors, kernel)))
-            persistent_ran = "expert_wgrad_persistent_kernel" in launched
-            assert persistent_ran == (config is trial) and ("expert_wgrad_kernel" in launched) != persistent_ran
-        persistent, one_tile = ([out, *grads, lora_out, *lora_grads] for (out, grads), (lora_out, lora_grads) in runs)
-        assert len(persistent) == 14  # out and 4 gradients; LoRA: out, 4 gradients and 4 factors'
-        for got, want in zip(persistent, one_tile):
-            assert torch.equal(got, want), (case, trial)
-        out, grads = runs[0][0]
-        ref_out, ref_grads = _reference(kernel, leaves, index, grad_out)
-        for name, got, want in zip(NAMES, (out, *grads), (ref_out, *ref_grads)):
-            assert_close_rel(got, want, TOL[torch.float64], f"trial {trial} {case} {name}")
-
-
 def test_rows_bucket_and_switch(kernel, monkeypatch):
     tuning = kernel.tuning
     assert [tuning.rows_bucket(rows, 128) for rows in (1, 128, 129, 8 * 4096, 8 * 4096 + 1)] == [1, 1, 1, 256, 256]
@@ -167,13 +126,6 @@ def _check_against_float32(kernel, configs, seed, label):
 @pytest.mark.parametrize("i", range(4))
 def test_gpu_candidate_configs_match_float32_reference(kernel, i):
     _check_against_float32(kernel, _candidate(kernel, i), 300 + i, f"candidate {i}")
-
-
-@pytest.mark.gpu
-def test_gpu_trial_configs_match_float32_reference(kernel):
-    for kind, configs in kernel.tuning.TRIAL.items():
-        for i, config in enumerate(configs):
-            _check_against_float32(kernel, {kind: config}, 310 + i, f"trial {kind} {config}")
 
 
 def test_tune_runs_full_and_lora_passes(kernel):

@@ -183,39 +183,27 @@ def _grouped_gemm(a, b, k_dim, n_dim, routing, block_m, gather_slots=0, lora=Non
     return c
 
 
-def _expert_wgrad(a, b, routing, block_m, like, m_dim, n_dim, gather_slots=0, row_weights=None):
+def _expert_wgrad(a, b, routing, like, m_dim, n_dim, gather_slots=0, row_weights=None):
     """out[e] (indexed on dims (m_dim, n_dim)) = Σ_{rows r of e} a[r]ᵀ ⊗ b[r or its token (gather_slots = K)]; out
     is a new contiguous tensor shaped like ``like`` (the parameter whose gradient it is). ``row_weights`` [T, K]
-    (with gather_slots = K): each a[r] first scaled by its pair's weight, rounded once to a's dtype. A config with
-    EXPERTS_PER_PROGRAM runs the persistent kernel over the routing's ``block_m``-row tiles."""
+    (with gather_slots = K): each a[r] first scaled by its pair's weight, rounded once to a's dtype."""
     _, tl, kernels = _triton()
     out = torch.empty_like(like, memory_format=torch.contiguous_format)
-    row_pair, _, offsets, tile_expert, tile_row = routing
+    row_pair, _, offsets, _, _ = routing
     M, N = a.shape[1], b.shape[1]
     w = row_weights if row_weights is not None else out
 
     def run(blocks, options):
         blocks = dict(blocks)
-        per_program = blocks.pop("EXPERTS_PER_PROGRAM", 0)
         for dim, size in (("BLOCK_M", M), ("BLOCK_N", N)):  # LoRA's rank-sized factors: A's rows, B's columns
             if size < blocks[dim]:
                 blocks[dim] = max(16, tuning.next_power_of_2(size))
         out_blocks = tuning.cdiv(M, blocks["BLOCK_M"]) * tuning.cdiv(N, blocks["BLOCK_N"])
-        strides = (b.stride(0), b.stride(1), out.stride(0), out.stride(m_dim), out.stride(n_dim), w.stride(0),
-                   w.stride(-1))
-        flags = dict(GATHER_B=gather_slots > 0, ROW_WEIGHT=row_weights is not None, ACC=_acc(tl, a.dtype),
-                     PRECISION=_PRECISION, **options)
-        if not per_program:
-            launcher(kernels.expert_wgrad.expert_wgrad_kernel)(
-                (out.shape[0] * out_blocks,), a, b, out, row_pair, offsets, w, M, N, max(gather_slots, 1), *strides,
-                **blocks, **flags)
-            return
-        experts = out.shape[0]
-        blocks["BLOCK_K"] = min(blocks["BLOCK_K"], block_m)  # steps within one routing tile
-        launcher(kernels.expert_wgrad.expert_wgrad_persistent_kernel)(
-            (out_blocks * tuning.cdiv(experts, per_program),), a, b, out, row_pair, offsets, tile_expert, tile_row, w,
-            M, N, max(gather_slots, 1), experts, tile_expert.numel(), *strides, TILE_M=block_m,
-            EXPERTS_PER_PROGRAM=per_program, EXPERTS_POW2=tuning.next_power_of_2(experts + 1), **blocks, **flags)
+        launcher(kernels.expert_wgrad.expert_wgrad_kernel)(
+            (out.shape[0] * out_blocks,), a, b, out, row_pair, offsets, w, M, N, max(gather_slots, 1), b.stride(0),
+            b.stride(1), out.stride(0), out.stride(m_dim), out.stride(n_dim), w.stride(0), w.stride(-1),
+            GATHER_B=gather_slots > 0, ROW_WEIGHT=row_weights is not None, **blocks, ACC=_acc(tl, a.dtype),
+            PRECISION=_PRECISION, **options)
 
     key = (M, N, gather_slots > 0, tuning.rows_bucket(row_pair.numel(), out.shape[0]),
            *(("row_weights",) if row_weights is not None else ()))
@@ -374,19 +362,18 @@ def _experts_backward(
         grads[0] = _combine(dx_rows, None, pair_row, hidden.new_empty(T, H), weight_grad)
         del dx_rows
     if need_down:
-        grads[3] = _expert_wgrad(hs, grad_out, routing, block_m, down_proj, 2, 1, gather_slots=K)
+        grads[3] = _expert_wgrad(hs, grad_out, routing, down_proj, 2, 1, gather_slots=K)
     if need_down_a:
-        grads[6] = _expert_wgrad(dob, hs, routing, block_m, down_a, 1, 2)
+        grads[6] = _expert_wgrad(dob, hs, routing, down_a, 1, 2)
     del hs, dob
     if need_down_b:  # each row of the thin [TK, r] ha weighted by its routing weight inside the kernel
-        grads[7] = _expert_wgrad(ha, grad_out, routing, block_m, down_b, 2, 1, gather_slots=K,
-                                 row_weights=top_k_weights)
+        grads[7] = _expert_wgrad(ha, grad_out, routing, down_b, 2, 1, gather_slots=K, row_weights=top_k_weights)
     if need_gate_up:
-        grads[2] = _expert_wgrad(dz, hidden, routing, block_m, gate_up_proj, 1, 2, gather_slots=K)
+        grads[2] = _expert_wgrad(dz, hidden, routing, gate_up_proj, 1, 2, gather_slots=K)
     if need_gu_a:
-        grads[4] = _expert_wgrad(dzb, hidden, routing, block_m, gate_up_a, 1, 2, gather_slots=K)
+        grads[4] = _expert_wgrad(dzb, hidden, routing, gate_up_a, 1, 2, gather_slots=K)
     if need_gu_b:
-        grads[5] = _expert_wgrad(dz, xa, routing, block_m, gate_up_b, 1, 2)
+        grads[5] = _expert_wgrad(dz, xa, routing, gate_up_b, 1, 2)
     return grads  # None where not asked for (``_op_impl`` makes them empty tensors for the custom op)
 
 

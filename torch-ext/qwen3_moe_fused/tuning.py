@@ -53,13 +53,6 @@ CANDIDATES = {  # the first of each list is the default
     "wgrad": [_config(128, 64, 8, 4, BLOCK_M=128), _config(256, 64, 8, 4, BLOCK_M=128),
               _config(128, 128, 8, 3, BLOCK_M=128), _config(128, 64, 8, 3, BLOCK_M=128)],
 }
-# Configs not yet timed on a GPU (they compile for sm_90 and compute the candidates' results: tested):
-# benchmarks/sweep_configs.py times them with the candidates, and one that wins becomes a candidate.
-# EXPERTS_PER_PROGRAM: wgrad's persistent kernel, each program looping over that many experts' rows.
-TRIAL = {
-    "wgrad": [_config(128, 64, 4, 4, BLOCK_M=128, EXPERTS_PER_PROGRAM=8),
-              _config(128, 64, 8, 4, BLOCK_M=128, EXPERTS_PER_PROGRAM=32)],
-}
 INTERPRETER = dict(BLOCK_N=32, BLOCK_K=32)  # plus BLOCK_M=32 for wgrad, 8 for dgrad (split routing tiles)
 _INTERPRETER_M = {"wgrad": 32, "dgrad": 8}
 
