@@ -29,15 +29,9 @@ fi
 if [ "${BENCH:-1}" = 1 ]; then
   python3 bench_experts.py --build ../build --out "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^{'
 fi
-if [ -n "${HOST_TIME_BASELINE:-}" ]; then
-  python3 host_time.py --build "../$HOST_TIME_BASELINE" --impls fused --out "$OUT/host_time_baseline.json" 2>&1 \
-    | tee "$OUT/host_time_baseline.log" | grep -v '^{'
-fi
-if [ -n "${HOST_TIME:-}" ]; then
-  python3 host_time.py --build ../build --impls $HOST_TIME --out "$OUT/host_time.json" 2>&1 | tee "$OUT/host_time.log" \
-    | grep -v '^{'
-fi
-if [ -n "${HOST_TIME_BASELINE:-}" ]; then
-  python3 host_time.py --build "../$HOST_TIME_BASELINE" --impls fused --out "$OUT/host_time_baseline_again.json" \
-    2>&1 | grep -v '^{'
-fi
+host_time() {  # BUILD IMPLS NAME: host_time.py of that build, results in $OUT/NAME.json and .log
+  python3 host_time.py --build "$1" --impls $2 --out "$OUT/$3.json" 2>&1 | tee "$OUT/$3.log" | grep -v '^{'
+}
+if [ -n "${HOST_TIME_BASELINE:-}" ]; then host_time "../$HOST_TIME_BASELINE" fused host_time_baseline; fi
+if [ -n "${HOST_TIME:-}" ]; then host_time ../build "$HOST_TIME" host_time; fi
+if [ -n "${HOST_TIME_BASELINE:-}" ]; then host_time "../$HOST_TIME_BASELINE" fused host_time_baseline_again; fi
